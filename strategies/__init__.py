@@ -1,1 +1,5 @@
-"""fedspatial.strategies"""
+"""Federated strategies built on Flower's."""
+
+from fedspatial.strategies.fedavg import SpatialFedAvg
+
+__all__ = ["SpatialFedAvg"]

@@ -1,0 +1,87 @@
+"""Which data a SuperNode trains on, and where its private outputs go.
+
+Deployment: the hospital's SuperNode is started with
+``--node-config "data-path='/data/site' site-name='hospital_a' output-path='/data/out'"``.
+Simulation: virtual SuperNodes only have ``partition-id``; they look themselves up in a
+federation manifest (written by ``fedspatial simulate`` / ``fedspatial make-demo-data``)
+named by the run config key ``manifest`` or the ``FEDSPATIAL_MANIFEST`` variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedspatial.shared.site import SiteSource
+
+
+class NodeConfigError(ValueError):
+    """The SuperNode was started without what it needs to find its data."""
+
+
+@dataclass(frozen=True)
+class NodeData:
+    name: str
+    sources: tuple[SiteSource, ...]
+    output_dir: Path
+
+
+def resolve_node_data(
+    node_config: dict[str, Any], run_config: dict[str, Any], run_name: str
+) -> NodeData:
+    if "data-path" in node_config:
+        data_path = Path(str(node_config["data-path"])).expanduser()
+        name = str(node_config.get("site-name") or data_path.stem)
+        default_out = data_path.resolve().parent / "fedspatial-results" / run_name / name
+        output = Path(str(node_config.get("output-path") or default_out)).expanduser()
+        return NodeData(name, (SiteSource(name, str(data_path)),), output)
+    if "partition-id" not in node_config:
+        raise NodeConfigError(
+            "this SuperNode has no data: start it with "
+            "--node-config \"data-path='/path/to/site.h5ad or folder'\""
+        )
+    manifest_path = str(run_config.get("manifest") or os.environ.get("FEDSPATIAL_MANIFEST", ""))
+    if not manifest_path:
+        raise NodeConfigError(
+            "simulated SuperNode without a federation manifest: pass "
+            "--run-config \"manifest='/abs/path/federation.json'\" (written by "
+            "`fedspatial make-demo-data`) or set FEDSPATIAL_MANIFEST"
+        )
+    manifest = read_manifest(manifest_path)
+    nodes = manifest["nodes"]
+    pid = int(node_config["partition-id"])
+    if pid >= len(nodes):
+        raise NodeConfigError(
+            f"{manifest_path} lists {len(nodes)} sites but the simulation started SuperNode "
+            f"{pid}: set num-supernodes to {len(nodes)}"
+        )
+    node = nodes[pid]
+    sources = tuple(SiteSource(s["name"], s["data-path"]) for s in node["sites"])
+    results = Path(str(run_config.get("results-dir", "results"))) / run_name
+    output = Path(node.get("output-path") or results / "sites" / node["name"])
+    return NodeData(node["name"], sources, output)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read a manifest: ``{"nodes": [{"name", "sites": [{"name", "data-path"}]}]}``, or a
+    synthetic federation's ``{"sites": [{"name", "data-path"}]}`` (one site per node)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NodeConfigError(f"federation manifest {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise NodeConfigError(f"federation manifest {path} is not valid JSON: {err}") from None
+    if "nodes" not in raw and "sites" in raw:
+        raw = {"nodes": [{"name": s["name"], "sites": [s]} for s in raw["sites"]]}
+    if not raw.get("nodes"):
+        raise NodeConfigError(f"federation manifest {path} lists no nodes")
+    base = path.parent
+    for node in raw["nodes"]:
+        for site in node["sites"]:
+            p = Path(site["data-path"])
+            site["data-path"] = str(p if p.is_absolute() else (base / p).resolve())
+    return raw

@@ -1,0 +1,3 @@
+from fedspatial.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,186 @@
+"""One federated run, as the server drives it.
+
+1. ``describe``: sites report sections, sizes and feature names (no cells).
+2. ``feature_stats``: per-feature sums over the shared features -> one feature space
+   (highly variable selection and standardization equal to the pooled computation).
+3. Federated training of the encoder with :class:`SpatialFedAvg` (weighted by
+   ``num-examples``); the global state is checkpointed after every round.
+4. Federated k-means on embeddings kept at the sites (server sees cluster sums only).
+5. ``finalize``: each site writes its annotated sections and plots at home and returns
+   scores and label x domain counts; the server writes the run report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedspatial.client.payload import arrays_record, feature_space_from_config, feature_space_to_config, record_arrays
+from fedspatial.server.messaging import ask, wait_for_nodes
+from fedspatial.server.report import write_run_report
+from fedspatial.server.run_store import RunStore
+from fedspatial.shared import clustering
+from fedspatial.shared.checkpoint import save_checkpoint
+from fedspatial.shared.config import ExperimentConfig
+from fedspatial.shared.features import FeatureStats, build_feature_space, merge_feature_stats, shared_features
+from fedspatial.shared.models import GATAutoencoder
+from fedspatial.strategies import SpatialFedAvg
+
+logger = logging.getLogger(__name__)
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Run every phase on the connected sites; returns the run report (also written)."""
+    t0 = time.perf_counter()
+    store = RunStore(Path(cfg.results_dir) / cfg.run_name, resume=cfg.resume)
+    store.open(run_config)
+    checkpoint = store.load_round()
+
+    nodes = wait_for_nodes(grid, cfg.training.min_nodes or 1)
+    # Sites read the run's settings from every message, not from their own run config:
+    # the server's config is the one source of truth (and simulation carries no other).
+    common = {"run-config": json.dumps(run_config)}
+    desc = ask(grid, nodes, "describe", config=common)
+    names = {n: str(desc[n]["config"]["site"]) for n in nodes}
+    logger.info("sites: %s", ", ".join(f"{names[n]} ({int(desc[n]['metrics']['num-examples'])} cells)" for n in nodes))
+
+    # -- harmonized feature space -------------------------------------------------------
+    if checkpoint is not None:
+        space = feature_space_from_config(checkpoint[2]["feature-space"])
+    else:
+        shared = shared_features({names[n]: list(desc[n]["config"]["features"]) for n in nodes})
+        replies = ask(grid, nodes, "feature_stats", config={**common, "features": shared, "target-sum": cfg.features.target_sum}, names=names)
+        stats = [
+            FeatureStats.from_arrays(shared, int(r["metrics"]["num-examples"]), record_arrays(r["arrays"]))
+            for r in replies.values()
+        ]
+        space = build_feature_space(
+            merge_feature_stats(stats),
+            n_top_features=cfg.features.n_top_features,
+            target_sum=cfg.features.target_sum,
+            feature_key=cfg.data.feature_key or None,
+        )
+        logger.info("feature space: %d shared features, %d selected", len(space.shared), len(space.selected))
+
+    # -- federated training -------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = GATAutoencoder(
+        len(space.selected), cfg.model.hidden_dim, cfg.model.latent_dim, dropout=cfg.model.dropout
+    )
+    space_config = feature_space_to_config(space)
+    base_config: dict[str, Any] = {
+        **common,
+        **space_config,
+        "model-config": json.dumps(model.model_config()),
+        "seed": cfg.seed,
+        "run-name": cfg.run_name,
+    }
+    done_rounds, arrays, history = 0, ArrayRecord(model.state_dict()), []
+    if checkpoint is not None:
+        done_rounds, arrays, state = checkpoint
+        history = state["history"]
+        logger.info("resuming after round %d of %d", done_rounds, cfg.training.num_rounds)
+    n_min = cfg.training.min_nodes or len(nodes)
+    strategy = SpatialFedAvg(
+        round_offset=done_rounds,
+        min_train_nodes=n_min,
+        min_evaluate_nodes=n_min,
+        min_available_nodes=n_min,
+    )
+    strategy.history = history
+
+    def save_round(server_round: int, round_arrays: ArrayRecord) -> None:
+        if server_round == 0:
+            return None
+        state = {
+            "history": strategy.history,
+            "feature-space": space_config,
+            "model": model.model_config(),
+            "site-names": {str(k): v for k, v in names.items()},
+        }
+        store.save_round(server_round + done_rounds, round_arrays, state)
+        return None
+
+    remaining = cfg.training.num_rounds - done_rounds
+    if remaining > 0:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            train_config=ConfigRecord(base_config),
+            evaluate_config=ConfigRecord(base_config),
+            evaluate_fn=save_round,
+        )
+        arrays = result.arrays if len(result.arrays) else arrays
+    train_seconds = time.perf_counter() - t0
+    final_state = arrays.to_torch_state_dict()
+    save_checkpoint(
+        store.folder / "model",
+        final_state,
+        {"model": model.model_config(), "feature-space": space_config, "run-config": run_config},
+    )
+
+    # -- federated k-means ----------------------------------------------------------------
+    k = cfg.clustering.n_domains
+    proposals = ask(grid, nodes, "embed", config={**base_config, "n-domains": k}, arrays=arrays, names=names)
+    props = {n: record_arrays(r["arrays"]) for n, r in proposals.items()}
+    init = clustering.init_from_site_centroids(
+        [p["centroids"] for p in props.values()], [p["counts"] for p in props.values()], k, seed=cfg.seed
+    )
+    moments = [
+        clustering.FeatureMoments.from_arrays({m: p[f"moments-{m}"] for m in ("count", "mean", "m2")})
+        for p in props.values()
+    ]
+    kmeans = clustering.FederatedKMeans(max_iter=cfg.clustering.kmeans_max_iter, tol=cfg.clustering.kmeans_tol)
+    kmeans.init(init, feature_variance=clustering.pooled_feature_variance_from_sites(moments))
+    merged = None
+    while not kmeans.done:
+        payload = {"centroids": kmeans.centroids}
+        if kmeans.previous_centroids is not None:
+            payload["previous"] = kmeans.previous_centroids
+        replies = ask(grid, nodes, "cluster_stats", config=common, arrays=arrays_record(payload), names=names)
+        merged = clustering.merge_cluster_stats(
+            [clustering.ClusterStats.from_arrays(record_arrays(r["arrays"])) for r in replies.values()]
+        )
+        kmeans.step(merged)
+    # Confidence uses the spread of the final assignment (one more stats round).
+    final = ask(grid, nodes, "cluster_stats", config=common, arrays=arrays_record({"centroids": kmeans.centroids}), names=names)
+    final_stats = clustering.merge_cluster_stats(
+        [clustering.ClusterStats.from_arrays(record_arrays(r["arrays"])) for r in final.values()]
+    )
+    variance = clustering.shared_variance(final_stats, kmeans.centroids.shape[1])
+
+    # -- finalize at the sites and report ------------------------------------------------
+    fin = ask(
+        grid,
+        nodes,
+        "finalize",
+        config={**base_config, "variance": variance, "refine": cfg.clustering.refine, "run-name": cfg.run_name},
+        arrays=arrays_record({"centroids": kmeans.centroids}),
+        names=names,
+    )
+    site_reports = [json.loads(str(r["config"]["report"])) for r in fin.values()]
+    return write_run_report(
+        store.folder,
+        history=strategy.history,
+        site_names={str(k): v for k, v in names.items()},
+        site_reports=site_reports,
+        extra={
+            "n-features-shared": len(space.shared),
+            "n-features-selected": len(space.selected),
+            "kmeans-iterations": kmeans.n_iter,
+            "kmeans-inertia": final_stats.inertia,
+            "train-seconds": train_seconds,
+            "wall-seconds": time.perf_counter() - t0,
+            "domain-sizes": final_stats.counts.astype(int).tolist(),
+            "model-parameters": int(sum(np.prod(v.shape) for v in final_state.values())),
+        },
+    )

@@ -1,0 +1,128 @@
+"""The run report: metrics.json, loss plot, and the comparison table across modes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedspatial.shared.atomic import write_json_atomic, write_text_atomic
+from fedspatial.shared.metrics import Contingency, ari_from_contingency, merge_contingency, nmi_from_contingency
+from fedspatial.shared.plots import plot_loss
+
+logger = logging.getLogger(__name__)
+
+
+def _contingency(raw: Mapping[str, Any]) -> Contingency:
+    return Contingency(
+        labels=list(raw["labels"]),
+        domains=[int(d) for d in raw["domains"]],
+        counts=np.asarray(raw["counts"], dtype=np.int64).reshape(len(raw["labels"]), len(raw["domains"])),
+    )
+
+
+def _mean(values: Sequence[float]) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize_sites(site_reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-section, per-site and joint scores from what the sites returned."""
+    sections: dict[str, Any] = {}
+    tables: dict[str, list[Contingency]] = {}
+    for rep in site_reports:
+        sections.update(rep["sections"])
+        for site, raw in rep.get("contingency", {}).items():
+            tables.setdefault(site, []).append(_contingency(raw))
+    sites: dict[str, Any] = {}
+    for key, sec in sections.items():
+        site = sites.setdefault(sec["site"], {"sections": [], "n_cells": 0})
+        site["sections"].append(key)
+        site["n_cells"] += sec["n_cells"]
+    for name, site in sites.items():
+        site["mean_section_ari"] = _mean([sections[s].get("ari", float("nan")) for s in site["sections"]])
+        if name in tables:
+            merged = merge_contingency(tables[name])
+            site["ari"] = ari_from_contingency(merged)
+            site["nmi"] = nmi_from_contingency(merged)
+    all_tables = [t for ts in tables.values() for t in ts]
+    joint: dict[str, float] = {}
+    if all_tables:
+        merged = merge_contingency(all_tables)
+        joint = {"ari": ari_from_contingency(merged), "nmi": nmi_from_contingency(merged)}
+    section_aris = [s.get("ari", float("nan")) for s in sections.values()]
+    return {
+        "sections": sections,
+        "sites": sites,
+        "joint": joint,
+        "mean_section_ari": _mean(section_aris),
+        "median_section_ari": float(np.nanmedian(section_aris)) if section_aris else float("nan"),
+        "contingency": {site: [t.counts.tolist() for t in ts] for site, ts in tables.items()},
+        "_tables": all_tables,
+    }
+
+
+def write_run_report(
+    folder: str | Path,
+    *,
+    history: list[dict[str, Any]],
+    site_names: Mapping[str, str],
+    site_reports: Sequence[Mapping[str, Any]],
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    folder = Path(folder)
+    rounds = []
+    for entry in history:
+        e = dict(entry)
+        e["sites"] = {site_names.get(k, k): v for k, v in entry.get("sites", {}).items()}
+        rounds.append(e)
+    summary = summarize_sites(site_reports)
+    tables = summary.pop("_tables")
+    report = {
+        "rounds": rounds,
+        **summary,
+        "contingency_tables": [
+            {"labels": t.labels, "domains": t.domains, "counts": t.counts.tolist()} for t in tables
+        ],
+        **dict(extra),
+    }
+    write_json_atomic(folder / "metrics.json", report)
+    plot_loss(
+        {
+            "train (weighted mean over sites)": [(r["round"], r["train-loss"]) for r in rounds if r.get("train-loss") is not None],
+            "evaluate (global model)": [(r["round"], r["eval-loss"]) for r in rounds if r.get("eval-loss") is not None],
+        },
+        path=folder / "loss.png",
+    )
+    logger.info(
+        "run finished: joint ARI %.3f, mean section ARI %.3f -> %s",
+        report["joint"].get("ari", float("nan")),
+        report["mean_section_ari"],
+        folder,
+    )
+    return report
+
+
+def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table comparing modes (federated, local, centralized)."""
+    lines = [
+        "| mode | joint ARI | joint NMI | mean section ARI | median section ARI | wall s | s/round |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode, res in results.items():
+        lines.append(
+            f"| {mode} | {res['joint_ari']:.3f} | {res['joint_nmi']:.3f} | {res['mean_section_ari']:.3f} "
+            f"| {res['median_section_ari']:.3f} | {res['wall_s']:.1f} | {res['seconds_per_round']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(folder: str | Path, results: Mapping[str, Mapping[str, Any]]) -> str:
+    table = comparison_table(results)
+    write_json_atomic(Path(folder) / "summary.json", results)
+    write_text_atomic(Path(folder) / "summary.md", "# fedspatial run summary\n\n" + table)
+    return table

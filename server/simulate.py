@@ -1,0 +1,190 @@
+"""``fedspatial simulate``: one machine, N virtual hospitals, three comparable modes.
+
+All modes run the same ServerApp and ClientApp through Flower's simulation runtime;
+only the grouping of sites into SuperNodes differs:
+
+- ``federated``: one SuperNode per site;
+- ``local``: each site alone (one simulation per site, domain ids are site-local);
+- ``centralized``: one SuperNode holding every site's sections (the pooled upper bound).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fedspatial.client.data_source import read_manifest
+from fedspatial.server.report import summarize_sites, write_comparison
+from fedspatial.server.run_store import RunExistsError
+from fedspatial.shared.atomic import write_json_atomic, write_text_atomic
+from fedspatial.shared.config import ExperimentConfig
+from fedspatial.shared.metrics import ari_from_contingency, merge_contingency, nmi_from_contingency
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_federation(cfg: ExperimentConfig) -> Path:
+    """The manifest to use: the configured one, or the built-in synthetic federation
+    (generated once into ``data.synthetic-dir``)."""
+    if cfg.data.manifest:
+        path = Path(cfg.data.manifest)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.manifest: {path} does not exist")
+        return path.resolve()
+    from fedspatial.shared.synthetic import write_synthetic_federation
+
+    spec = synthetic_spec(seed=cfg.seed, scale=cfg.data.synthetic_scale)
+    root = Path(cfg.data.synthetic_dir)
+    manifest = root / "federation.json"
+    if manifest.is_file():
+        stored = json.loads(manifest.read_text()).get("spec", {})
+        if stored == _spec_dict(spec):
+            return manifest.resolve()
+        raise FileExistsError(
+            f"{root} holds a synthetic federation made with other settings: delete it or set "
+            "data.synthetic-dir to another folder"
+        )
+    logger.info("generating the built-in synthetic federation in %s", root)
+    return write_synthetic_federation(root, spec).resolve()
+
+
+def synthetic_spec(*, seed: int = 0, scale: float = 1.0) -> Any:
+    """The built-in federation's spec with section sizes multiplied by ``scale``."""
+    import dataclasses
+
+    from fedspatial.shared.synthetic import SyntheticSpec
+
+    base = SyntheticSpec(seed=seed)
+    sizes = tuple(max(1, round(v * scale)) for v in base.spots_per_section)
+    return dataclasses.replace(base, spots_per_section=sizes)
+
+
+def _spec_dict(spec: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def node_groups(manifest: dict[str, Any], mode: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``[(simulation name, nodes)]`` for a mode; each node is ``{"name", "sites"}``."""
+    sites = [s for node in manifest["nodes"] for s in node["sites"]]
+    if mode == "federated":
+        return [("federated", [{"name": s["name"], "sites": [s]} for s in sites])]
+    if mode == "centralized":
+        return [("centralized", [{"name": "pooled", "sites": sites}])]
+    if mode == "local":
+        return [(f"local/{s['name']}", [{"name": s["name"], "sites": [s]}]) for s in sites]
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def run_one(cfg: ExperimentConfig, run_dir: Path, sim_name: str, nodes: list[dict[str, Any]], *, resume: bool) -> dict[str, Any]:
+    """One Flower simulation; returns the run report (metrics.json)."""
+    from flwr.simulation import run_simulation
+
+    from fedspatial.client.app import app as client_app
+    from fedspatial.server.app import make_server_app
+
+    sim_dir = run_dir / sim_name
+    manifest_path = sim_dir / "nodes.json"
+    write_json_atomic(manifest_path, {"nodes": nodes})
+    run_config = cfg.to_run_config()
+    run_config.update(
+        {
+            "results-dir": str(run_dir),
+            "run-name": sim_name,
+            "manifest": str(manifest_path),
+            "min-nodes": len(nodes),
+            "resume": resume,
+        }
+    )
+    n_cpus = max(1, min(cfg.simulation.num_cpus, os.cpu_count() or 1))
+    per_client = n_cpus if len(nodes) == 1 else min(cfg.simulation.cpus_per_client, n_cpus)
+    backend_config = {
+        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": n_cpus, "include_dashboard": False, "log_to_driver": True},
+    }
+    t0 = time.perf_counter()
+    run_simulation(
+        server_app=make_server_app(run_config),
+        client_app=client_app,
+        num_supernodes=len(nodes),
+        backend_config=backend_config,  # type: ignore[arg-type]
+    )
+    metrics_path = sim_dir / "metrics.json"
+    if not metrics_path.exists():
+        raise RuntimeError(
+            f"the {sim_name} simulation ended without results ({metrics_path} missing); "
+            "see the log above for the failing step"
+        )
+    report = json.loads(metrics_path.read_text())
+    report["simulation-wall-seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _mode_result(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Scores of a mode from its simulations (several for local-only)."""
+    site_reports = [
+        {"sections": r["sections"], "contingency": {}} for r in reports
+    ]
+    summary = summarize_sites(site_reports)
+    tables = [
+        _table(t) for r in reports for t in r.get("contingency_tables", [])
+    ]
+    merged = merge_contingency(tables) if tables else None
+    rounds = [x for r in reports for x in r["rounds"]]
+    seconds = [x["seconds"] for x in rounds if "seconds" in x]
+    sent = [x.get("bytes-sent", 0) + x.get("bytes-received", 0) for x in rounds]
+    return {
+        "joint_ari": ari_from_contingency(merged) if merged else float("nan"),
+        "joint_nmi": nmi_from_contingency(merged) if merged else float("nan"),
+        "mean_section_ari": summary["mean_section_ari"],
+        "median_section_ari": summary["median_section_ari"],
+        "section_ari": {k: v.get("ari") for k, v in summary["sections"].items()},
+        "wall_s": sum(r["simulation-wall-seconds"] for r in reports),
+        "seconds_per_round": float(sum(seconds) / len(seconds)) if seconds else float("nan"),
+        "bytes_per_round": float(sum(sent) / max(len({x["round"] for x in rounds}), 1)),
+    }
+
+
+def _table(raw: dict[str, Any]):  # noqa: ANN202
+    import numpy as np
+
+    from fedspatial.shared.metrics import Contingency
+
+    return Contingency(list(raw["labels"]), [int(d) for d in raw["domains"]], np.asarray(raw["counts"], dtype=np.int64))
+
+
+def simulate(cfg: ExperimentConfig, *, modes: list[str] | None = None, resume: bool = False) -> dict[str, dict[str, Any]]:
+    """Run the configured modes; writes ``<results-dir>/<run-name>/summary.md``."""
+    modes = modes or cfg.simulation.modes
+    run_dir = (Path(cfg.results_dir) / cfg.run_name).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise RunExistsError(
+            f"{run_dir} already exists: pick another run-name, delete it, or continue it with "
+            f"`fedspatial simulate --resume {run_dir}`"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(ensure_federation(cfg))
+    import yaml
+
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    results: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        reports = []
+        for sim_name, nodes in node_groups(manifest, mode):
+            done = run_dir / sim_name / "metrics.json"
+            if resume and done.exists():
+                logger.info("%s: already finished, reusing %s", sim_name, done)
+                report = json.loads(done.read_text())
+                report.setdefault("simulation-wall-seconds", report.get("wall-seconds", float("nan")))
+            else:
+                logger.info("%s: %d SuperNode(s): %s", sim_name, len(nodes), ", ".join(n["name"] for n in nodes))
+                report = run_one(cfg, run_dir, sim_name, nodes, resume=resume)
+            reports.append(report)
+        results[mode] = _mode_result(reports)
+    write_comparison(run_dir, results)
+    return results

@@ -1,0 +1,302 @@
+"""Experiment configuration: YAML files in ``configs/`` and Flower run config.
+
+One schema, two spellings. A YAML file groups keys in sections (``data``, ``features``,
+...); Flower's run config is the same keys flattened (``n-top-features = 300``). Every
+key is kebab-case. Loading rejects unknown keys, wrong types and impossible values
+with the key's name and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible."""
+
+
+MODES = ("federated", "local", "centralized")
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""
+    """Federation manifest (federation.json); empty: the built-in synthetic federation."""
+    synthetic_dir: str = "data/synthetic"
+    """Where the built-in synthetic federation is written when `federation` is empty."""
+    synthetic_scale: float = 1.0
+    """Multiplies the synthetic section sizes (benchmarks use > 1)."""
+    spatial_key: str = "spatial"
+    label_key: str = "domain"
+    feature_key: str = ""
+    """`var` column to match features across sites (e.g. gene_ids); empty: var_names."""
+
+
+@dataclass
+class FeaturesConfig:
+    n_top_features: int = 300
+    target_sum: float = 1e4
+
+
+@dataclass
+class GraphConfig:
+    graph: Literal["knn", "radius"] = "knn"
+    n_neighbors: int = 6
+    radius: float = 0.0
+    """Radius in coordinate units for graph: radius (0: unused)."""
+
+
+@dataclass
+class ModelConfig:
+    hidden_dim: int = 128
+    latent_dim: int = 32
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainingConfig:
+    num_rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    min_nodes: int = 0
+    """Sites that must be connected and answer each round; 0: all sites of the simulated
+    federation (at least 1 in a deployment)."""
+
+
+@dataclass
+class ClusteringConfig:
+    n_domains: int = 5
+    kmeans_max_iter: int = 100
+    kmeans_tol: float = 0.0
+    refine: bool = True
+    """Majority vote over spatial neighbours after clustering (at each site)."""
+
+
+@dataclass
+class SimulationConfig:
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    num_cpus: int = 2
+    """CPU cores the simulation may use in total."""
+    cpus_per_client: int = 1
+
+
+@dataclass
+class ExperimentConfig:
+    run_name: str = "demo"
+    results_dir: str = "results"
+    seed: int = 0
+    resume: bool = False
+    """Continue the run in <results-dir>/<run-name> from its last checkpoint."""
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    neighbors: GraphConfig = field(default_factory=GraphConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- conversions ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {_kebab(k): _to_plain(v) for k, v in dataclasses.asdict(self).items()}
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flat kebab-case keys for Flower (`[tool.flwr.app.config]`); lists become CSV."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    flat[_kebab(sub.name)] = getattr(value, sub.name)
+            else:
+                flat[_kebab(f.name)] = value
+        return {k: ",".join(v) if isinstance(v, list) else v for k, v in flat.items()}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> ExperimentConfig:
+        return _build(cls, raw, source)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
+        """Inverse of :meth:`to_run_config`; keys missing from ``run_config`` keep defaults."""
+        sections = {_kebab(f.name): f for f in dataclasses.fields(cls) if _is_section(f)}
+        owner = {
+            _kebab(sub.name): name
+            for name, f in sections.items()
+            for sub in dataclasses.fields(_section_type(f))
+        }
+        nested: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key in owner:
+                section_cls = _section_type(sections[owner[key]])
+                sub_type = {_kebab(s.name): s.type for s in dataclasses.fields(section_cls)}[key]
+                if _origin_is_list(sub_type) and isinstance(value, str):
+                    value = [v for v in value.split(",") if v]
+                nested.setdefault(owner[key], {})[key] = value
+            else:
+                nested[key] = value
+        return _build(cls, nested, "run config")
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML experiment config; ``overrides`` use dotted keys
+    (``{"training.num-rounds": 2}``)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return ExperimentConfig.from_dict(raw, source=str(path))
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Reject impossible values, naming the key and what is allowed."""
+    checks: list[tuple[bool, str]] = [
+        (cfg.run_name != "" and "/" not in cfg.run_name, "run-name: must be a non-empty name without '/'"),
+        (cfg.data.synthetic_scale > 0, "data.synthetic-scale: must be > 0"),
+        (cfg.features.n_top_features >= 2, "features.n-top-features: must be >= 2"),
+        (cfg.features.target_sum > 0, "features.target-sum: must be > 0"),
+        (cfg.neighbors.n_neighbors >= 1, "neighbors.n-neighbors: must be >= 1"),
+        (cfg.neighbors.graph != "radius" or cfg.neighbors.radius > 0, "neighbors.radius: must be > 0 when graph is 'radius'"),
+        (cfg.model.hidden_dim >= 1, "model.hidden-dim: must be >= 1"),
+        (cfg.model.latent_dim >= 1, "model.latent-dim: must be >= 1"),
+        (0 <= cfg.model.dropout < 1, "model.dropout: must be in [0, 1)"),
+        (cfg.training.num_rounds >= 1, "training.num-rounds: must be >= 1"),
+        (cfg.training.local_epochs >= 1, "training.local-epochs: must be >= 1"),
+        (cfg.training.batch_size >= 1, "training.batch-size: must be >= 1"),
+        (cfg.training.lr > 0, "training.lr: must be > 0"),
+        (cfg.training.weight_decay >= 0, "training.weight-decay: must be >= 0"),
+        (cfg.training.proximal_mu >= 0, "training.proximal-mu: must be >= 0"),
+        (cfg.training.min_nodes >= 0, "training.min-nodes: must be >= 0 (0 = all sites)"),
+        (cfg.clustering.n_domains >= 2, "clustering.n-domains: must be >= 2"),
+        (cfg.clustering.kmeans_max_iter >= 1, "clustering.kmeans-max-iter: must be >= 1"),
+        (cfg.clustering.kmeans_tol >= 0, "clustering.kmeans-tol: must be >= 0"),
+        (cfg.simulation.num_cpus >= 1, "simulation.num-cpus: must be >= 1"),
+        (cfg.simulation.cpus_per_client >= 1, "simulation.cpus-per-client: must be >= 1"),
+        (
+            bool(cfg.simulation.modes) and set(cfg.simulation.modes) <= set(MODES),
+            f"simulation.modes: must be a non-empty list drawn from {list(MODES)}",
+        ),
+    ]
+    problems = [msg for ok, msg in checks if not ok]
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+# ---------------------------------------------------------------------------- helpers
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_kebab(k): _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _is_section(f: dataclasses.Field[Any]) -> bool:
+    return isinstance(f.type, type) and dataclasses.is_dataclass(f.type) or (
+        isinstance(f.type, str) and f.type.endswith("Config")
+    )
+
+
+def _section_type(f: dataclasses.Field[Any]) -> type:
+    hints = typing.get_type_hints(ExperimentConfig)
+    return hints[f.name]  # type: ignore[no-any-return]
+
+
+def _origin_is_list(tp: Any) -> bool:
+    tp = _resolve(tp)
+    return get_origin(tp) is list
+
+
+def _resolve(tp: Any) -> Any:
+    if isinstance(tp, str):
+        return eval(tp, {**globals(), **vars(typing)})  # annotations of this module only
+    return tp
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {_kebab(f.name): f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown key '{key}'.{hint} Allowed keys here: {', '.join(sorted(fields))}"
+            )
+        f = fields[key]
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value or {}, f"{where}: {key}")  # type: ignore[arg-type]
+        else:
+            kwargs[f.name] = _coerce(value, tp, f"{where}: {key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is list:
+        (item,) = get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if origin in (types.UnionType, typing.Union):
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value

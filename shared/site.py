@@ -1,0 +1,93 @@
+"""A site's private data as the model sees it: sections loaded, harmonized and graphed.
+
+Nothing here talks to Flower: the ClientApp, the local-only and the centralized modes
+all go through :func:`load_site_sections` and :func:`prepare_graph_data`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+from fedspatial.shared.features import FeatureSpace, transform
+from fedspatial.shared.graph import section_neighbors
+from fedspatial.shared.io import load_site
+from fedspatial.shared.training import GraphData
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteSource:
+    """Where one site's data lives: a ``.h5ad`` file or a folder of them."""
+
+    name: str
+    data_path: str
+
+
+@dataclass
+class SiteSection:
+    """One tissue section held at a site."""
+
+    site: str
+    name: str
+    source: Path
+    adata: ad.AnnData
+
+    @property
+    def key(self) -> str:
+        """Federation-wide unique id ``<site>/<section>``."""
+        return f"{self.site}/{self.name}"
+
+
+def load_site_sections(
+    sources: Sequence[SiteSource], *, spatial_key: str = "spatial"
+) -> list[SiteSection]:
+    """Load and validate every section of the given sites (raises ``DataValidationError``)."""
+    sections: list[SiteSection] = []
+    for source in sources:
+        for section in load_site(source.data_path, spatial_key=spatial_key):
+            sections.append(SiteSection(source.name, section.name, section.source, section.adata))
+    return sections
+
+
+def prepare_graph_data(
+    sections: Sequence[SiteSection],
+    space: FeatureSpace,
+    *,
+    spatial_key: str = "spatial",
+    graph: str = "knn",
+    n_neighbors: int = 6,
+    radius: float = 0.0,
+) -> GraphData:
+    """Standardized features and per-section neighbourhoods, sections concatenated."""
+    xs, nbrs, ranges = [], [], []
+    offset = 0
+    width = None
+    for section in sections:
+        x = transform(section.adata, space)
+        coords = np.asarray(section.adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+        nbr = section_neighbors(
+            coords,
+            method=graph,  # type: ignore[arg-type]
+            n_neighbors=n_neighbors,
+            radius=radius if graph == "radius" else None,
+            max_neighbors=n_neighbors if graph == "radius" else None,
+        )
+        width = nbr.shape[1] if width is None else max(width, nbr.shape[1])
+        nbrs.append(np.where(nbr >= 0, nbr + offset, -1))
+        xs.append(x)
+        ranges.append((section.key, offset, offset + len(x)))
+        offset += len(x)
+    padded = [np.pad(n, ((0, 0), (0, width - n.shape[1])), constant_values=-1) for n in nbrs]
+    return GraphData(
+        x=torch.from_numpy(np.concatenate(xs).astype(np.float32, copy=False)),
+        neighbors=torch.from_numpy(np.concatenate(padded).astype(np.int64, copy=False)),
+        sections=ranges,
+    )

@@ -1,0 +1,152 @@
+"""Plain PyTorch train / evaluate / embed loops (no Flower): used identically by
+federated, local-only and centralized runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GraphData:
+    """One site's model inputs: features and fixed-size neighbourhoods of all its sections.
+
+    Attributes
+    ----------
+    x
+        ``[N, F]`` float32 standardized features, sections concatenated.
+    neighbors
+        ``[N, k]`` int64 row ids of each cell's spatial neighbours (same section only),
+        ``-1`` for padding.
+    sections
+        ``(name, start, stop)`` row range of each section.
+    batch
+        ``[N]`` int64 batch code of each cell (for a batch-aware decoder), or None.
+    """
+
+    x: Tensor
+    neighbors: Tensor
+    sections: list[tuple[str, int, int]] = field(default_factory=list)
+    batch: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2 or self.neighbors.ndim != 2 or len(self.x) != len(self.neighbors):
+            raise ValueError("x must be [N, F] and neighbors [N, k] with the same N")
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.x.shape[0])
+
+    def ego(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Neighbourhoods of the cells in ``index``: ``x [B, 1 + k, F]`` and ``mask [B, 1 + k]``."""
+        rows = torch.cat([index.unsqueeze(1), self.neighbors[index]], dim=1)
+        mask = rows >= 0
+        return self.x[rows.clamp(min=0)], mask
+
+    def edge_index(self, start: int, stop: int) -> Tensor:
+        """``[2, E]`` source -> target edges of rows ``start:stop``, renumbered from 0."""
+        nbr = self.neighbors[start:stop]
+        target = torch.arange(stop - start).unsqueeze(1).expand_as(nbr)
+        keep = nbr >= 0
+        return torch.stack([nbr[keep] - start, target[keep]])
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+    num_examples: int
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(batch_size))
+
+
+def train_epochs(
+    model: nn.Module,
+    data: GraphData,
+    *,
+    epochs: int = 1,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    proximal_mu: float = 0.0,
+    progress: bool = False,
+    description: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place on mini-batches of neighbourhoods.
+
+    Parameters
+    ----------
+    epochs
+        Passes over the site's cells (default: 1).
+    batch_size
+        Neighbourhoods per step (default: 128); memory is bounded by this, not by section size.
+    lr, weight_decay
+        Adam settings (defaults: 1e-3, 0.0).
+    seed
+        Seeds the shuffling, so a round is reproducible (default: 0).
+    proximal_mu
+        FedProx term ``mu/2 * ||w - w_global||^2`` against the weights at entry (default: 0).
+    progress
+        Show a progress bar (default: False).
+    """
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    total, seen, steps = 0.0, 0, 0
+    batches = [b for _ in range(epochs) for b in _batches(data.n_cells, batch_size, generator)]
+    for index in tqdm(batches, desc=description, disable=not progress, leave=False):
+        x, mask = data.ego(index)
+        batch = data.batch[index] if data.batch is not None else None
+        per_sample = model.loss(x, mask, batch)  # type: ignore[operator]
+        loss = per_sample.mean()
+        if anchor is not None:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+            loss = loss + 0.5 * proximal_mu * prox
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(per_sample.detach().sum())
+        seen += len(index)
+        steps += 1
+    mean_loss = total / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            "training loss is not finite: lower `lr` or check the input features for extreme values"
+        )
+    return TrainResult(loss=mean_loss, steps=steps, num_examples=data.n_cells)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, data: GraphData, *, batch_size: int = 1024) -> float:
+    """Mean reconstruction loss over every cell of the site."""
+    model.eval()
+    total = 0.0
+    for index in torch.arange(data.n_cells).split(batch_size):
+        x, mask = data.ego(index)
+        batch = data.batch[index] if data.batch is not None else None
+        total += float(model.loss(x, mask, batch).sum())  # type: ignore[operator]
+    return total / max(data.n_cells, 1)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, data: GraphData) -> np.ndarray:
+    """Embeddings ``[N, latent_dim]`` of every cell, one section graph at a time."""
+    model.eval()
+    parts = []
+    for _, start, stop in data.sections or [("all", 0, data.n_cells)]:
+        edges = data.edge_index(start, stop)
+        parts.append(model.embed_graph(data.x[start:stop], edges))  # type: ignore[operator]
+    return torch.cat(parts).numpy().astype(np.float32, copy=False)

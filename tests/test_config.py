@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from fedspatial.shared.config import ConfigError, ExperimentConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_run_config_round_trip_matches_pyproject():
+    import tomllib
+
+    cfg = ExperimentConfig()
+    assert ExperimentConfig.from_run_config(cfg.to_run_config()) == cfg
+    flwr_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(flwr_config) == set(cfg.to_run_config())
+    ExperimentConfig.from_run_config(flwr_config)  # every shipped key is valid
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"training": {"num-round": 3}}, "unknown key 'num-round'. Did you mean 'num-rounds'?"),
+        ({"trainin": {}}, "unknown key 'trainin'"),
+        ({"training": {"num-rounds": "five"}}, "num-rounds: expected an integer"),
+        ({"training": {"lr": True}}, "lr: expected a number"),
+        ({"training": {"num-rounds": 0}}, "training.num-rounds: must be >= 1"),
+        ({"neighbors": {"graph": "delaunay"}}, "choose one of ['knn', 'radius']"),
+        ({"neighbors": {"graph": "radius"}}, "neighbors.radius: must be > 0"),
+        ({"simulation": {"modes": ["federated", "swarm"]}}, "simulation.modes"),
+        ({"clustering": {"refine": "yes"}}, "refine: expected true or false"),
+    ],
+)
+def test_bad_values_name_the_key(raw, needle):
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_dict(raw)
+    assert needle in str(err.value)
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    good = tmp_path / "good.yaml"
+    good.write_text("training:\n  num-rounds: 4\n")
+    cfg = load_config(good, {"training.lr": 0.01})
+    assert cfg.training.num_rounds == 4 and cfg.training.lr == 0.01
