@@ -131,7 +131,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     # -- federated k-means ----------------------------------------------------------------
     k = cfg.clustering.n_domains
     proposals = ask(grid, nodes, "embed", config={**base_config, "n-domains": k}, arrays=arrays, names=names)
-    props = {n: record_arrays(r["arrays"]) for n, r in proposals.items()}
+    # Sorted by site name so that the initialization does not depend on reply order.
+    props = {n: record_arrays(proposals[n]["arrays"]) for n in sorted(proposals, key=names.__getitem__)}
     init = clustering.init_from_site_centroids(
         [p["centroids"] for p in props.values()], [p["counts"] for p in props.values()], k, seed=cfg.seed
     )
