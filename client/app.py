@@ -4,7 +4,7 @@ Each handler reads its inputs from the message, calls plain functions from
 ``fedspatial.shared`` on the site's private data and replies with model arrays,
 aggregates or metrics only; no per-cell data ever leaves the site.
 
-Message types: ``query.describe``, ``query.feature_stats``, ``train``, ``evaluate``,
+Message types: ``query.describe``, ``query.feature_stats``, ``query.setup``, ``train``, ``evaluate``,
 ``query.embed``, ``query.cluster_stats``, ``query.finalize``.
 """
 
@@ -52,6 +52,15 @@ def feature_stats(msg: Message, context: Context) -> Message:
     return _reply(msg, arrays=arrays_record(stats.to_arrays()), metrics={"num-examples": stats.n_cells})
 
 
+@app.query("setup")
+def setup(msg: Message, context: Context) -> Message:
+    """Keep the federation's feature space at the site for the rest of the run."""
+    site = rt.site_for(msg, context)
+    rt.store_feature_space(context, msg.content["config"])
+    data = site.graph_data(rt.feature_space(context))  # prepare now: later rounds reuse it
+    return _reply(msg, metrics={"num-examples": data.n_cells})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local epochs of the spatial autoencoder from the global weights."""
@@ -59,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
     model = rt.model_from_message(msg)
     start = time.perf_counter()
-    result = site.train(model, cfg, seed=rt.round_seed(context, cfg))
+    result = site.train(model, rt.feature_space(context), seed=rt.round_seed(context, cfg))
     metrics = {
         "num-examples": result.num_examples,
         "train-loss": result.loss,
@@ -74,7 +83,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Reconstruction loss of the global model on this site's cells."""
     site = rt.site_for(msg, context)
     model = rt.model_from_message(msg)
-    loss = site.evaluate(model, msg.content["config"])
+    loss = site.evaluate(model, rt.feature_space(context))
     return _reply(msg, metrics={"num-examples": site.n_cells, "eval-loss": loss})
 
 
@@ -85,7 +94,7 @@ def embed(msg: Message, context: Context) -> Message:
     site = rt.site_for(msg, context)
     model = rt.model_from_message(msg)
     cfg = msg.content["config"]
-    proposal = site.embed_and_propose(model, cfg, context)
+    proposal = site.embed_and_propose(model, rt.feature_space(context), int(cfg["n-domains"]), context)
     return _reply(msg, arrays=arrays_record(proposal), metrics={"num-examples": site.n_cells})
 
 
@@ -104,7 +113,7 @@ def finalize(msg: Message, context: Context) -> Message:
     scores and label x domain counts."""
     site = rt.site_for(msg, context)
     arrays = record_arrays(msg.content["arrays"])
-    report, tables = site.finalize(arrays["centroids"], msg.content["config"], context)
+    report, tables = site.finalize(arrays["centroids"], msg.content["config"], rt.feature_space(context), context)
     return _reply(
         msg,
         arrays=arrays_record(tables),

@@ -22,7 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from fedspatial.client.data_source import NodeData, resolve_node_data
-from fedspatial.client.payload import feature_space_from_config
+from fedspatial.client.payload import feature_space_from_config, feature_space_to_config
 from fedspatial.shared import clustering, metrics
 from fedspatial.shared.atomic import write_atomic
 from fedspatial.shared.config import ExperimentConfig
@@ -34,6 +34,7 @@ from fedspatial.shared.training import GraphData, TrainResult, embed, evaluate_l
 
 logger = logging.getLogger(__name__)
 EMBEDDING_KEY = "fedspatial-embedding"
+SPACE_KEY = "fedspatial-feature-space"
 _CACHE: OrderedDict[tuple[Any, ...], SiteRuntime] = OrderedDict()
 _CACHE_SIZE = 4
 
@@ -71,6 +72,18 @@ def model_from_message(msg: Message) -> torch.nn.Module:
     model = build_model(json.loads(str(cfg["model-config"])))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
+
+
+def store_feature_space(context: Context, config: ConfigRecord) -> None:
+    """Keep the feature space sent by ``query.setup`` in the node's state."""
+    space = feature_space_from_config(config)
+    context.state[SPACE_KEY] = ConfigRecord(feature_space_to_config(space))  # type: ignore[arg-type]
+
+
+def feature_space(context: Context) -> FeatureSpace:
+    if SPACE_KEY not in context.state:
+        raise RuntimeError("this site has no feature space yet: the server must send query.setup first")
+    return feature_space_from_config(context.state[SPACE_KEY])  # type: ignore[arg-type]
 
 
 def round_seed(context: Context, cfg: ConfigRecord) -> int:
@@ -139,8 +152,8 @@ class SiteRuntime:
             }
         return self._graph[key]
 
-    def train(self, model: torch.nn.Module, cfg: ConfigRecord, *, seed: int) -> TrainResult:
-        data = self.graph_data(feature_space_from_config(cfg))
+    def train(self, model: torch.nn.Module, space: FeatureSpace, *, seed: int) -> TrainResult:
+        data = self.graph_data(space)
         t = self.cfg.training
         return train_epochs(
             model,
@@ -154,14 +167,16 @@ class SiteRuntime:
             description=f"{self.node.name} train",
         )
 
-    def evaluate(self, model: torch.nn.Module, cfg: ConfigRecord) -> float:
-        return evaluate_loss(model, self.graph_data(feature_space_from_config(cfg)))
+    def evaluate(self, model: torch.nn.Module, space: FeatureSpace) -> float:
+        return evaluate_loss(model, self.graph_data(space))
 
     # -- clustering ---------------------------------------------------------------------
-    def embed_and_propose(self, model: torch.nn.Module, cfg: ConfigRecord, context: Context) -> dict[str, np.ndarray]:
-        z = embed(model, self.graph_data(feature_space_from_config(cfg)))
+    def embed_and_propose(
+        self, model: torch.nn.Module, space: FeatureSpace, n_domains: int, context: Context
+    ) -> dict[str, np.ndarray]:
+        z = embed(model, self.graph_data(space))
         context.state[EMBEDDING_KEY] = ArrayRecord({"z": Array(z)})
-        centroids, counts = clustering.local_kmeans(z, int(cfg["n-domains"]), seed=int(cfg.get("seed", 0)))
+        centroids, counts = clustering.local_kmeans(z, n_domains, seed=self.cfg.seed)
         moments = clustering.feature_moments(z).to_arrays()
         return {
             "centroids": centroids,
@@ -179,10 +194,12 @@ class SiteRuntime:
     ) -> clustering.ClusterStats:
         return clustering.cluster_stats(self._embedding(context), centroids, previous_centroids=previous)
 
-    def finalize(self, centroids: np.ndarray, cfg: ConfigRecord, context: Context) -> tuple[str, dict[str, np.ndarray]]:
+    def finalize(
+        self, centroids: np.ndarray, cfg: ConfigRecord, space: FeatureSpace, context: Context
+    ) -> tuple[str, dict[str, np.ndarray]]:
         """Domains, confidence, outputs written at the site; returns (report JSON, arrays)."""
         z = self._embedding(context)
-        data = self.graph_data(feature_space_from_config(cfg))
+        data = self.graph_data(space)
         labels, _ = clustering.assign_clusters(z, centroids)
         posterior = clustering.isotropic_posterior(z, centroids, float(cfg["variance"]))
         neighbors = data.neighbors.numpy()

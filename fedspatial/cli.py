@@ -21,6 +21,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

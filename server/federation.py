@@ -76,9 +76,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         len(space.selected), cfg.model.hidden_dim, cfg.model.latent_dim, dropout=cfg.model.dropout
     )
     space_config = feature_space_to_config(space)
+    ask(grid, nodes, "setup", config={**common, **space_config}, names=names)
     base_config: dict[str, Any] = {
         **common,
-        **space_config,
         "model-config": json.dumps(model.model_config()),
         "seed": cfg.seed,
         "run-name": cfg.run_name,

@@ -50,7 +50,8 @@ def ask(
     messages = []
     for node in nodes:
         content = RecordDict({"config": ConfigRecord(dict(config or {}))})  # type: ignore[arg-type]
-        record = arrays.get(node) if isinstance(arrays, Mapping) else arrays
+        # ArrayRecord is itself a Mapping (of arrays), so test for it first.
+        record = arrays if isinstance(arrays, ArrayRecord) or arrays is None else arrays.get(node)
         if record is not None:
             content["arrays"] = record
         messages.append(Message(content=content, dst_node_id=node, message_type=f"query.{action}"))
