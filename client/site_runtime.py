@@ -14,7 +14,6 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,12 @@ from fedspatial.client.payload import feature_space_from_config, feature_space_t
 from fedspatial.shared import clustering, metrics
 from fedspatial.shared.atomic import write_atomic
 from fedspatial.shared.config import ExperimentConfig
-from fedspatial.shared.features import FeatureSpace, FeatureStats, compute_feature_stats, feature_names
+from fedspatial.shared.features import (
+    FeatureSpace,
+    FeatureStats,
+    compute_feature_stats,
+    feature_names,
+)
 from fedspatial.shared.models import build_model
 from fedspatial.shared.plots import plot_section_domains
 from fedspatial.shared.site import SiteSection, load_site_sections, prepare_graph_data
@@ -52,7 +56,7 @@ def site_for(msg: Message, context: Context) -> SiteRuntime:
     the server's config is the only source of truth; the data location comes from the
     node (node config, or the simulation manifest).
     """
-    config = msg.content["config"] if "config" in msg.content else {}
+    config = msg.content.get("config", {})
     run_config = json.loads(str(config["run-config"])) if "run-config" in config else dict(context.run_config)
     cfg = ExperimentConfig.from_run_config(run_config)
     node = resolve_node_data(dict(context.node_config), run_config, cfg.run_name)
@@ -148,6 +152,7 @@ class SiteRuntime:
                     graph=g.graph,
                     n_neighbors=g.n_neighbors,
                     radius=g.radius,
+                    scale=self.cfg.features.scale,
                 )
             }
         return self._graph[key]
@@ -224,7 +229,7 @@ class SiteRuntime:
             path = out_dir / f"{section.site}__{section.name}.h5ad"
             write_atomic(path, lambda tmp, a=annotated: a.write_h5ad(tmp))
             entry: dict[str, Any] = {"site": section.site, "n_cells": int(stop - start), "output": str(path)}
-            truth = section.adata.obs[label_key] if label_key in section.adata.obs else None
+            truth = section.adata.obs.get(label_key)
             if truth is not None:
                 entry.update(metrics.section_scores(truth.to_numpy(), dom))
                 per_site.setdefault(section.site, []).append(metrics.contingency(truth.to_numpy(), dom))

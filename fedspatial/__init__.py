@@ -16,4 +16,4 @@ __version__ = "0.1.0"
 
 _project_root = Path(__file__).resolve().parent.parent
 if (_project_root / "pyproject.toml").is_file() and (_project_root / "shared" / "__init__.py").is_file():
-    __path__.append(str(_project_root))  # type: ignore[name-defined]  # noqa: F821
+    __path__.append(str(_project_root))  # type: ignore[name-defined]

@@ -1,3 +1,5 @@
-from fedspatial.cli import main
 import sys
+
+from fedspatial.cli import main
+
 sys.exit(main())

@@ -23,14 +23,24 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedspatial.client.payload import arrays_record, feature_space_from_config, feature_space_to_config, record_arrays
+from fedspatial.client.payload import (
+    arrays_record,
+    feature_space_from_config,
+    feature_space_to_config,
+    record_arrays,
+)
 from fedspatial.server.messaging import ask, wait_for_nodes
 from fedspatial.server.report import write_run_report
 from fedspatial.server.run_store import RunStore
 from fedspatial.shared import clustering
 from fedspatial.shared.checkpoint import save_checkpoint
 from fedspatial.shared.config import ExperimentConfig
-from fedspatial.shared.features import FeatureStats, build_feature_space, merge_feature_stats, shared_features
+from fedspatial.shared.features import (
+    FeatureStats,
+    build_feature_space,
+    merge_feature_stats,
+    shared_features,
+)
 from fedspatial.shared.models import GATAutoencoder
 from fedspatial.strategies import SpatialFedAvg
 

@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 
 from fedspatial.shared.atomic import write_json_atomic, write_text_atomic
-from fedspatial.shared.metrics import Contingency, ari_from_contingency, merge_contingency, nmi_from_contingency
+from fedspatial.shared.metrics import (
+    Contingency,
+    ari_from_contingency,
+    merge_contingency,
+    nmi_from_contingency,
+)
 from fedspatial.shared.plots import plot_loss
 
 logger = logging.getLogger(__name__)

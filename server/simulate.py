@@ -94,8 +94,9 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, sim_name: str, nodes: list[dic
     run_config = cfg.to_run_config()
     run_config.update(
         {
-            "results-dir": str(run_dir),
-            "run-name": sim_name,
+            # A run name has no '/': "local/hospital_a" is run "hospital_a" under "local".
+            "results-dir": str(sim_dir.parent),
+            "run-name": sim_dir.name,
             "manifest": str(manifest_path),
             "min-nodes": len(nodes),
             "resume": resume,
@@ -150,7 +151,7 @@ def _mode_result(reports: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _table(raw: dict[str, Any]):  # noqa: ANN202
+def _table(raw: dict[str, Any]):
     import numpy as np
 
     from fedspatial.shared.metrics import Contingency

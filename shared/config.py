@@ -45,6 +45,9 @@ class DataConfig:
 class FeaturesConfig:
     n_top_features: int = 300
     target_sum: float = 1e4
+    scale: Literal["global", "section"] = "section"
+    """Standardize with the pooled statistics, or each section on its own (removes
+    per-feature batch effects between sections)."""
 
 
 @dataclass
@@ -64,8 +67,8 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    num_rounds: int = 20
-    local_epochs: int = 1
+    num_rounds: int = 30
+    local_epochs: int = 2
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -219,7 +222,7 @@ def _to_plain(value: Any) -> Any:
 
 
 def _is_section(f: dataclasses.Field[Any]) -> bool:
-    return isinstance(f.type, type) and dataclasses.is_dataclass(f.type) or (
+    return (isinstance(f.type, type) and dataclasses.is_dataclass(f.type)) or (
         isinstance(f.type, str) and f.type.endswith("Config")
     )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import anndata
 import numpy as np
 import pandas as pd
+
 from fedspatial.shared.validation import DataValidationError, validate_section
 
 log = logging.getLogger(__name__)

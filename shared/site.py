@@ -65,13 +65,22 @@ def prepare_graph_data(
     graph: str = "knn",
     n_neighbors: int = 6,
     radius: float = 0.0,
+    scale: str = "section",
 ) -> GraphData:
-    """Standardized features and per-section neighbourhoods, sections concatenated."""
+    """Standardized features and per-section neighbourhoods, sections concatenated.
+
+    ``scale="global"`` standardizes with the federation's pooled mean and std (from the
+    feature space); ``"section"`` then re-centres and re-scales every section on its
+    own, which removes per-feature multiplicative batch effects (a constant shift in
+    log space) at the price of also removing composition differences between sections.
+    """
     xs, nbrs, ranges = [], [], []
     offset = 0
     width = None
     for section in sections:
         x = transform(section.adata, space)
+        if scale == "section":
+            x = _standardize(x, space.max_value)
         coords = np.asarray(section.adata.obsm[spatial_key], dtype=np.float64)[:, :2]
         nbr = section_neighbors(
             coords,
@@ -91,3 +100,9 @@ def prepare_graph_data(
         neighbors=torch.from_numpy(np.concatenate(padded).astype(np.int64, copy=False)),
         sections=ranges,
     )
+
+
+def _standardize(x: np.ndarray, max_value: float) -> np.ndarray:
+    std = x.std(axis=0, ddof=1) if len(x) > 1 else np.ones(x.shape[1], dtype=x.dtype)
+    std[std == 0] = 1.0
+    return np.clip((x - x.mean(axis=0)) / std, -max_value, max_value).astype(np.float32, copy=False)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_blobs
+
 from fedspatial.shared import clustering
 from fedspatial.shared.clustering import (
     ClusterStats,
@@ -23,8 +26,6 @@ from fedspatial.shared.clustering import (
     shared_variance,
     update_centroids,
 )
-from sklearn.cluster import KMeans
-from sklearn.datasets import make_blobs
 
 
 def _blobs(seed: int, n: int = 600, k: int = 4, d: int = 3) -> tuple[np.ndarray, np.ndarray]:

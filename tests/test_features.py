@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+from scipy import sparse
+
 from fedspatial.shared.features import (
     FeatureSpace,
     FeatureStats,
@@ -27,7 +29,6 @@ from fedspatial.shared.features import (
     shared_features,
     transform,
 )
-from scipy import sparse
 
 TARGET_SUM = 1e4
 

@@ -6,6 +6,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
+
 from fedspatial.shared.graph import (
     knn_neighbors,
     neighbors_to_edge_index,
@@ -13,7 +15,6 @@ from fedspatial.shared.graph import (
     section_neighbors,
     spatial_neighbors,
 )
-from scipy import sparse
 
 # 3x3 unit grid, row-major:
 #   0 1 2        (x, y) = (col, row)

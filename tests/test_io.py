@@ -11,9 +11,10 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
+
 from fedspatial.shared.io import inspect_site, list_h5ad, load_site, summarize_site
 from fedspatial.shared.validation import DataValidationError, validate_section
-from scipy import sparse
 
 
 def _make_adata(

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
 from fedspatial.shared.metrics import (
     Contingency,
     ari_from_contingency,
@@ -14,7 +16,6 @@ from fedspatial.shared.metrics import (
     nmi_from_contingency,
     section_scores,
 )
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
 def test_contingency_hand_example_skips_missing_labels():

@@ -6,6 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from scipy import sparse
+from scipy.spatial import cKDTree
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
 from fedspatial.shared.io import load_site
 from fedspatial.shared.synthetic import (
     SyntheticSpec,
@@ -13,10 +18,6 @@ from fedspatial.shared.synthetic import (
     site_name,
     write_synthetic_federation,
 )
-from scipy import sparse
-from scipy.spatial import cKDTree
-from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score
 
 SMALL = SyntheticSpec(spots_per_section=(80, 140), n_features=60, seed=7)
 
