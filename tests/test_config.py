@@ -53,3 +53,13 @@ def test_yaml_errors(tmp_path):
     good.write_text("training:\n  num-rounds: 4\n")
     cfg = load_config(good, {"training.lr": 0.01})
     assert cfg.training.num_rounds == 4 and cfg.training.lr == 0.01
+
+
+def test_saved_run_config_reloads(tmp_path):
+    """`simulate` saves config.yaml in the run folder; `--resume` reads it back."""
+    import yaml
+
+    cfg = ExperimentConfig.from_dict({"run-name": "x", "training": {"num-rounds": 7}, "simulation": {"modes": ["local"]}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert load_config(path) == cfg
