@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedspatial.client import site_runtime as rt
-from fedspatial.client.payload import arrays_record, record_arrays
+from fedspatial.client.payload import arrays_record, config_number, config_strings, record_arrays
 
 logger = logging.getLogger(__name__)
 app = ClientApp()
@@ -48,7 +48,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
     """Per-feature sums over the shared features (harmonization input)."""
     site = rt.site_for(msg, context)
     cfg = msg.content["config"]
-    stats = site.feature_stats(list(cfg["features"]), target_sum=float(cfg["target-sum"]))
+    stats = site.feature_stats(config_strings(cfg, "features"), target_sum=config_number(cfg, "target-sum"))
     return _reply(msg, arrays=arrays_record(stats.to_arrays()), metrics={"num-examples": stats.n_cells})
 
 
@@ -94,7 +94,7 @@ def embed(msg: Message, context: Context) -> Message:
     site = rt.site_for(msg, context)
     model = rt.model_from_message(msg)
     cfg = msg.content["config"]
-    proposal = site.embed_and_propose(model, rt.feature_space(context), int(cfg["n-domains"]), context)
+    proposal = site.embed_and_propose(model, rt.feature_space(context), int(config_number(cfg, "n-domains")), context)
     return _reply(msg, arrays=arrays_record(proposal), metrics={"num-examples": site.n_cells})
 
 

@@ -35,6 +35,21 @@ def feature_space_from_config(config: ConfigRecord | Mapping[str, object]) -> Fe
     return FeatureSpace.from_parts(arrays, rest)
 
 
+def config_number(config: ConfigRecord | Mapping[str, object], key: str, default: float | None = None) -> float:
+    """A numeric config entry, with a clear error when it is missing or not a number."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"message config entry {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def config_strings(config: ConfigRecord | Mapping[str, object], key: str) -> list[str]:
+    value = config.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"message config entry {key!r} must be a list of strings")
+    return [str(v) for v in value]
+
+
 def bytes_of(record: ArrayRecord) -> int:
     """Payload size of the arrays in a record."""
     return int(sum(len(a.data) for a in record.values()))

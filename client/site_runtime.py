@@ -21,7 +21,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from fedspatial.client.data_source import NodeData, resolve_node_data
-from fedspatial.client.payload import feature_space_from_config, feature_space_to_config
+from fedspatial.client.payload import (
+    config_number,
+    feature_space_from_config,
+    feature_space_to_config,
+)
 from fedspatial.shared import clustering, metrics
 from fedspatial.shared.atomic import write_atomic
 from fedspatial.shared.config import ExperimentConfig
@@ -56,7 +60,7 @@ def site_for(msg: Message, context: Context) -> SiteRuntime:
     the server's config is the only source of truth; the data location comes from the
     node (node config, or the simulation manifest).
     """
-    config = msg.content.get("config", {})
+    config: ConfigRecord | dict[str, object] = msg.content.get("config", {})  # type: ignore[assignment]
     run_config = json.loads(str(config["run-config"])) if "run-config" in config else dict(context.run_config)
     cfg = ExperimentConfig.from_run_config(run_config)
     node = resolve_node_data(dict(context.node_config), run_config, cfg.run_name)
@@ -74,7 +78,7 @@ def site_for(msg: Message, context: Context) -> SiteRuntime:
 def model_from_message(msg: Message) -> torch.nn.Module:
     cfg = msg.content["config"]
     model = build_model(json.loads(str(cfg["model-config"])))
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return model
 
 
@@ -93,7 +97,9 @@ def feature_space(context: Context) -> FeatureSpace:
 def round_seed(context: Context, cfg: ConfigRecord) -> int:
     """Seed for this site and round: reproducible, different across sites and rounds."""
     node = str(context.node_config.get("site-name", context.node_config.get("partition-id", 0)))
-    return (int(cfg.get("seed", 0)) * 1_000_003 + int(cfg.get("server-round", 0)) * 7919 + zlib.crc32(node.encode())) % 2**31
+    seed = int(config_number(cfg, "seed", 0))
+    server_round = int(config_number(cfg, "server-round", 0))
+    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(node.encode())) % 2**31
 
 
 class SiteRuntime:
@@ -206,7 +212,7 @@ class SiteRuntime:
         z = self._embedding(context)
         data = self.graph_data(space)
         labels, _ = clustering.assign_clusters(z, centroids)
-        posterior = clustering.isotropic_posterior(z, centroids, float(cfg["variance"]))
+        posterior = clustering.isotropic_posterior(z, centroids, config_number(cfg, "variance"))
         neighbors = data.neighbors.numpy()
         refine = bool(cfg.get("refine", True))
         run_name = str(cfg.get("run-name", self.cfg.run_name))

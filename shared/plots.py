@@ -25,12 +25,12 @@ def _scatter(ax: plt.Axes, coords: np.ndarray, values: pd.Series, colours: Mappi
     size = _point_size(len(coords))
     missing = values.isna().to_numpy()
     if missing.any():
-        ax.scatter(*coords[missing].T, s=size, c="lightgrey", linewidths=0, label="unlabelled")
+        ax.scatter(coords[missing, 0], coords[missing, 1], s=size, c="lightgrey", linewidths=0, label="unlabelled")
     text = values.astype(str).to_numpy()
     for cat, colour in colours.items():
         sel = (text == cat) & ~missing
         if sel.any():
-            ax.scatter(*coords[sel].T, s=size, color=colour, linewidths=0, label=cat)
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=size, color=colour, linewidths=0, label=cat)
     ax.set_title(title, fontsize=9)
     ax.set_aspect("equal")
     ax.invert_yaxis()  # image convention, as squidpy draws Visium sections

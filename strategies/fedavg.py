@@ -20,6 +20,11 @@ def _payload_bytes(messages: Iterable[Message]) -> int:
     return total
 
 
+def _scalar(record: MetricRecord | None, key: str) -> float | None:
+    value = record.get(key) if record is not None else None
+    return float(value) if isinstance(value, int | float) else None
+
+
 class SpatialFedAvg(FedAvg):
     """:class:`flwr.serverapp.strategy.FedAvg`, weighted by ``num-examples``, that also
     records per round: each site's train metrics, aggregated losses, bytes of model
@@ -67,14 +72,16 @@ class SpatialFedAvg(FedAvg):
         for msg in replies:
             if msg.has_content() and "metrics" in msg.content:
                 m = msg.content["metrics"]
-                entry["sites"][str(msg.metadata.src_node_id)] = {k: float(v) for k, v in m.items()}  # type: ignore[arg-type]
+                entry["sites"][str(msg.metadata.src_node_id)] = {
+                    k: float(v) for k, v in m.items() if isinstance(v, int | float)
+                }
             elif msg.has_error():
                 entry.setdefault("errors", []).append(
                     {"node": msg.metadata.src_node_id, "error": msg.error.reason}
                 )
         entry["bytes-sent"] = self._sent
         entry["bytes-received"] = _payload_bytes(replies)
-        entry["train-loss"] = float(agg["train-loss"]) if agg and "train-loss" in agg else None
+        entry["train-loss"] = _scalar(agg, "train-loss")
         entry["n-sites"] = sum(1 for m in replies if m.has_content())
         entry["seconds"] = time.perf_counter() - self._round_start
         return arrays, agg
@@ -82,6 +89,6 @@ class SpatialFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         agg = super().aggregate_evaluate(server_round, replies)
         entry = self._entry(server_round)
-        entry["eval-loss"] = float(agg["eval-loss"]) if agg and "eval-loss" in agg else None
+        entry["eval-loss"] = _scalar(agg, "eval-loss")
         entry["seconds"] = time.perf_counter() - self._round_start
         return agg

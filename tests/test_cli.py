@@ -48,7 +48,7 @@ def test_simulate_rejects_bad_config(tmp_path, capsys):
 
 
 def test_simulate_needs_a_config():
-    with pytest.raises(SystemExit, match="configs/demo.yaml"):
+    with pytest.raises(SystemExit, match=r"configs/demo\.yaml"):
         main(["simulate"])
 
 
