@@ -56,8 +56,8 @@ def feature_stats(msg: Message, context: Context) -> Message:
 def setup(msg: Message, context: Context) -> Message:
     """Keep the federation's feature space at the site for the rest of the run."""
     site = rt.site_for(msg, context)
-    rt.store_feature_space(context, msg.content["config"])
-    data = site.graph_data(rt.feature_space(context))  # prepare now: later rounds reuse it
+    rt.store_setup(context, msg.content["config"])
+    data = site.graph_data(rt.setup_of(context))  # prepare now: later rounds reuse it
     return _reply(msg, metrics={"num-examples": data.n_cells})
 
 
@@ -68,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
     model = rt.model_from_message(msg)
     start = time.perf_counter()
-    result = site.train(model, rt.feature_space(context), seed=rt.round_seed(context, cfg))
+    result = site.train(model, rt.setup_of(context), seed=rt.round_seed(context, cfg))
     metrics = {
         "num-examples": result.num_examples,
         "train-loss": result.loss,
@@ -83,7 +83,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Reconstruction loss of the global model on this site's cells."""
     site = rt.site_for(msg, context)
     model = rt.model_from_message(msg)
-    loss = site.evaluate(model, rt.feature_space(context))
+    loss = site.evaluate(model, rt.setup_of(context))
     return _reply(msg, metrics={"num-examples": site.n_cells, "eval-loss": loss})
 
 
@@ -94,7 +94,7 @@ def embed(msg: Message, context: Context) -> Message:
     site = rt.site_for(msg, context)
     model = rt.model_from_message(msg)
     cfg = msg.content["config"]
-    proposal = site.embed_and_propose(model, rt.feature_space(context), int(config_number(cfg, "n-domains")), context)
+    proposal = site.embed_and_propose(model, rt.setup_of(context), int(config_number(cfg, "n-domains")), context)
     return _reply(msg, arrays=arrays_record(proposal), metrics={"num-examples": site.n_cells})
 
 
@@ -113,7 +113,7 @@ def finalize(msg: Message, context: Context) -> Message:
     scores and label x domain counts."""
     site = rt.site_for(msg, context)
     arrays = record_arrays(msg.content["arrays"])
-    report, tables = site.finalize(arrays["centroids"], msg.content["config"], rt.feature_space(context), context)
+    report, tables = site.finalize(arrays["centroids"], msg.content["config"], rt.setup_of(context), context)
     return _reply(
         msg,
         arrays=arrays_record(tables),

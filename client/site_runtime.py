@@ -82,16 +82,34 @@ def model_from_message(msg: Message) -> torch.nn.Module:
     return model
 
 
-def store_feature_space(context: Context, config: ConfigRecord) -> None:
-    """Keep the feature space sent by ``query.setup`` in the node's state."""
+@dataclass(frozen=True)
+class SiteSetup:
+    """What ``query.setup`` fixes for the whole run: the feature space and, for a
+    batch-aware decoder, the federation-wide batch names (sections or sites)."""
+
+    space: FeatureSpace
+    batches: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, tuple[str, ...]]:
+        return self.space.fingerprint(), self.batches
+
+
+def store_setup(context: Context, config: ConfigRecord) -> None:
+    """Keep what ``query.setup`` sent in the node's state for the rest of the run."""
     space = feature_space_from_config(config)
-    context.state[SPACE_KEY] = ConfigRecord(feature_space_to_config(space))  # type: ignore[arg-type]
+    entries: dict[str, Any] = dict(feature_space_to_config(space))
+    if config.get("batches"):  # ConfigRecord cannot hold an empty list
+        entries["batches"] = list(config["batches"])  # type: ignore[arg-type]
+    context.state[SPACE_KEY] = ConfigRecord(entries)
 
 
-def feature_space(context: Context) -> FeatureSpace:
+def setup_of(context: Context) -> SiteSetup:
     if SPACE_KEY not in context.state:
         raise RuntimeError("this site has no feature space yet: the server must send query.setup first")
-    return feature_space_from_config(context.state[SPACE_KEY])  # type: ignore[arg-type]
+    record = context.state.config_records[SPACE_KEY]
+    batches = record.get("batches") or []
+    return SiteSetup(feature_space_from_config(record), tuple(str(b) for b in batches))  # type: ignore[union-attr]
 
 
 def round_seed(context: Context, cfg: ConfigRecord) -> int:
@@ -108,7 +126,7 @@ class SiteRuntime:
     def __init__(self, node: NodeData, cfg: ExperimentConfig) -> None:
         self.node = node
         self.cfg = cfg
-        self._graph: dict[str, GraphData] = {}
+        self._graph: dict[tuple[str, tuple[str, ...]], GraphData] = {}
 
     @cached_property
     def sections(self) -> list[SiteSection]:
@@ -135,6 +153,7 @@ class SiteRuntime:
             config={
                 "site": self.node.name,
                 "sections": [s.key for s in self.sections],
+                "section-sites": [s.site for s in self.sections],
                 "section-sizes": [int(s.adata.n_obs) for s in self.sections],
                 "features": shared,
                 "labels": sorted(labels),
@@ -146,25 +165,34 @@ class SiteRuntime:
             [s.adata for s in self.sections], features, target_sum=target_sum, feature_key=self.feature_key
         )
 
-    def graph_data(self, space: FeatureSpace) -> GraphData:
-        key = space.fingerprint()
+    def batch_name(self, section: SiteSection) -> str:
+        """The batch a section belongs to for a batch-aware decoder."""
+        return section.site if self.cfg.model.batch == "site" else section.key
+
+    def graph_data(self, setup: SiteSetup) -> GraphData:
+        key = setup.key
         if key not in self._graph:
+            batch_of = None
+            if setup.batches:
+                codes = {b: i for i, b in enumerate(setup.batches)}
+                batch_of = {s.key: codes[self.batch_name(s)] for s in self.sections}
             g = self.cfg.neighbors
             self._graph = {
                 key: prepare_graph_data(
                     self.sections,
-                    space,
+                    setup.space,
                     spatial_key=self.cfg.data.spatial_key,
                     graph=g.graph,
                     n_neighbors=g.n_neighbors,
                     radius=g.radius,
                     scale=self.cfg.features.scale,
+                    batch_of=batch_of,
                 )
             }
         return self._graph[key]
 
-    def train(self, model: torch.nn.Module, space: FeatureSpace, *, seed: int) -> TrainResult:
-        data = self.graph_data(space)
+    def train(self, model: torch.nn.Module, setup: SiteSetup, *, seed: int) -> TrainResult:
+        data = self.graph_data(setup)
         t = self.cfg.training
         return train_epochs(
             model,
@@ -178,14 +206,14 @@ class SiteRuntime:
             description=f"{self.node.name} train",
         )
 
-    def evaluate(self, model: torch.nn.Module, space: FeatureSpace) -> float:
-        return evaluate_loss(model, self.graph_data(space))
+    def evaluate(self, model: torch.nn.Module, setup: SiteSetup) -> float:
+        return evaluate_loss(model, self.graph_data(setup))
 
     # -- clustering ---------------------------------------------------------------------
     def embed_and_propose(
-        self, model: torch.nn.Module, space: FeatureSpace, n_domains: int, context: Context
+        self, model: torch.nn.Module, setup: SiteSetup, n_domains: int, context: Context
     ) -> dict[str, np.ndarray]:
-        z = embed(model, self.graph_data(space))
+        z = embed(model, self.graph_data(setup))
         context.state[EMBEDDING_KEY] = ArrayRecord({"z": Array(z)})
         centroids, counts = clustering.local_kmeans(z, n_domains, seed=self.cfg.seed)
         moments = clustering.feature_moments(z).to_arrays()
@@ -206,11 +234,11 @@ class SiteRuntime:
         return clustering.cluster_stats(self._embedding(context), centroids, previous_centroids=previous)
 
     def finalize(
-        self, centroids: np.ndarray, cfg: ConfigRecord, space: FeatureSpace, context: Context
+        self, centroids: np.ndarray, cfg: ConfigRecord, setup: SiteSetup, context: Context
     ) -> tuple[str, dict[str, np.ndarray]]:
         """Domains, confidence, outputs written at the site; returns (report JSON, arrays)."""
         z = self._embedding(context)
-        data = self.graph_data(space)
+        data = self.graph_data(setup)
         labels, _ = clustering.assign_clusters(z, centroids)
         posterior = clustering.isotropic_posterior(z, centroids, config_number(cfg, "variance"))
         neighbors = data.neighbors.numpy()

@@ -81,12 +81,18 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         logger.info("feature space: %d shared features, %d selected", len(space.shared), len(space.selected))
 
     # -- federated training -------------------------------------------------------------
+    batches = batch_names(cfg.model.batch, [desc[n]["config"] for n in nodes])
     torch.manual_seed(cfg.seed)
     model = GATAutoencoder(
-        len(space.selected), cfg.model.hidden_dim, cfg.model.latent_dim, dropout=cfg.model.dropout
+        len(space.selected),
+        cfg.model.hidden_dim,
+        cfg.model.latent_dim,
+        n_batches=len(batches),
+        dropout=cfg.model.dropout,
     )
     space_config = feature_space_to_config(space)
-    ask(grid, nodes, "setup", config={**common, **space_config}, names=names)
+    setup = {**common, **space_config, **({"batches": batches} if batches else {})}
+    ask(grid, nodes, "setup", config=setup, names=names)
     base_config: dict[str, Any] = {
         **common,
         "model-config": json.dumps(model.model_config()),
@@ -101,6 +107,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     n_min = cfg.training.min_nodes or len(nodes)
     strategy = SpatialFedAvg(
         round_offset=done_rounds,
+        # each batch's decoder weights are trained only by the site holding that batch
+        partitioned_keys=["batch_in.weight"] if batches else [],
         min_train_nodes=n_min,
         min_evaluate_nodes=n_min,
         min_available_nodes=n_min,
@@ -195,3 +203,12 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
             "model-parameters": int(sum(np.prod(v.shape) for v in final_state.values())),
         },
     )
+
+
+def batch_names(mode: str, descriptions: list[Any]) -> list[str]:
+    """Federation-wide batch names for a batch-aware decoder ([] when disabled)."""
+    if mode == "none":
+        return []
+    if mode == "site":
+        return sorted({str(s) for d in descriptions for s in d["section-sites"]})
+    return sorted({str(s) for d in descriptions for s in d["sections"]})

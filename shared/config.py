@@ -63,6 +63,10 @@ class ModelConfig:
     hidden_dim: int = 128
     latent_dim: int = 32
     dropout: float = 0.0
+    batch: Literal["none", "section", "site"] = "none"
+    """Batch-aware decoder: the section's (or site's) identity enters the decoder only,
+    never the embedding. Its per-batch weights are trained by the batch's own site
+    (summed updates, not averaged)."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ all go through :func:`load_site_sections` and :func:`prepare_graph_data`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,7 @@ def prepare_graph_data(
     n_neighbors: int = 6,
     radius: float = 0.0,
     scale: str = "section",
+    batch_of: Mapping[str, int] | None = None,
 ) -> GraphData:
     """Standardized features and per-section neighbourhoods, sections concatenated.
 
@@ -73,6 +74,8 @@ def prepare_graph_data(
     feature space); ``"section"`` then re-centres and re-scales every section on its
     own, which removes per-feature multiplicative batch effects (a constant shift in
     log space) at the price of also removing composition differences between sections.
+    ``batch_of`` maps a section key (``site/section``) to its federation-wide batch code
+    for a batch-aware decoder (None: no batch codes).
     """
     xs, nbrs, ranges = [], [], []
     offset = 0
@@ -95,10 +98,17 @@ def prepare_graph_data(
         ranges.append((section.key, offset, offset + len(x)))
         offset += len(x)
     padded = [np.pad(n, ((0, 0), (0, width - n.shape[1])), constant_values=-1) for n in nbrs]
+    batch = None
+    if batch_of is not None:
+        missing = [key for key, _, _ in ranges if key not in batch_of]
+        if missing:
+            raise KeyError(f"no batch code for section(s) {missing}")
+        batch = torch.cat([torch.full((stop - start,), batch_of[key], dtype=torch.int64) for key, start, stop in ranges])
     return GraphData(
         x=torch.from_numpy(np.concatenate(xs).astype(np.float32, copy=False)),
         neighbors=torch.from_numpy(np.concatenate(padded).astype(np.int64, copy=False)),
         sections=ranges,
+        batch=batch,
     )
 
 

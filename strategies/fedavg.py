@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -35,15 +35,21 @@ class SpatialFedAvg(FedAvg):
     round_offset : int (default: 0)
         Rounds already done before this ``start`` (when a run is resumed); added to the
         round number sent to sites and recorded in :attr:`history`.
+    partitioned_keys : list of str (default: [])
+        Arrays whose parts each belong to one site (e.g. per-batch decoder weights): the
+        aggregate is the global array plus the *sum* of the sites' updates, so a part is
+        what its owner trained, not an average diluted by sites that never touched it.
     **kwargs
         Passed to :class:`~flwr.serverapp.strategy.FedAvg`.
     """
 
-    def __init__(self, *, round_offset: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *, round_offset: int = 0, partitioned_keys: list[str] | None = None, **kwargs: Any) -> None:
         if round_offset < 0:
             raise ValueError("round_offset must be >= 0")
         super().__init__(**kwargs)
         self.round_offset = round_offset
+        self.partitioned_keys = list(partitioned_keys or [])
+        self._global: ArrayRecord | None = None
         self.history: list[dict[str, Any]] = []
         self._round_start = 0.0
         self._sent = 0
@@ -58,8 +64,10 @@ class SpatialFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
-        config = ConfigRecord({**config, "server-round": server_round + self.round_offset})
+        self._global = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in messages:  # FedAvg stamps the round of this start(); count resumed rounds too
+            msg.content.config_records[self.configrecord_key]["server-round"] = server_round + self.round_offset
         self._sent = _payload_bytes(messages)
         return messages
 
@@ -68,6 +76,8 @@ class SpatialFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         arrays, agg = super().aggregate_train(server_round, replies)
+        if arrays is not None and self.partitioned_keys and self._global is not None:
+            arrays = self._sum_updates(arrays, replies)
         entry = self._entry(server_round)
         for msg in replies:
             if msg.has_content() and "metrics" in msg.content:
@@ -85,6 +95,20 @@ class SpatialFedAvg(FedAvg):
         entry["n-sites"] = sum(1 for m in replies if m.has_content())
         entry["seconds"] = time.perf_counter() - self._round_start
         return arrays, agg
+
+    def _sum_updates(self, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        assert self._global is not None
+        out = dict(arrays.items())
+        for key in self.partitioned_keys:
+            if key not in self._global:
+                raise KeyError(f"partitioned key {key!r} is not a model array")
+            base = self._global[key].numpy()
+            total = base.copy()
+            for msg in replies:
+                if msg.has_content():
+                    total += msg.content.array_records[self.arrayrecord_key][key].numpy() - base
+            out[key] = Array(total)
+        return ArrayRecord(out)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         agg = super().aggregate_evaluate(server_round, replies)
