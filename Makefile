@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint typecheck bench clean
+.PHONY: install demo test test-deploy test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-deploy: $(STAMP)
+	$(PY) -m pytest -q -m deploy
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
