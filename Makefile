@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-deploy: $(STAMP)
-	$(PY) -m pytest -q -m deploy
+	$(PY) -m pytest -q -m deploy -o addopts=""
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -3,6 +3,13 @@
 ``fedspatial simulate CONFIG``    run a local federation (federated / local / centralized)
 ``fedspatial inspect PATH``       validate one site's data before it joins a federation
 ``fedspatial make-demo-data DIR`` write the built-in synthetic federation
+
+Deployment (see deploy/README.md):
+
+``fedspatial server``             the coordinating center's SuperLink (TLS, node auth, database)
+``fedspatial client``             a hospital's SuperNode (outbound connection only)
+``fedspatial keygen NAME``        a hospital's authentication key pair
+``fedspatial submit CONFIG``      submit an experiment config to the SuperLink and stream its log
 """
 
 from __future__ import annotations
@@ -89,6 +96,142 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_server(args: argparse.Namespace) -> int:
+    from fedspatial.deploy_cli import ServerOptions, run_server
+
+    return run_server(
+        ServerOptions(
+            certs=args.certs,
+            ssl_certfile=args.ssl_certfile,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_ca_certfile=args.ssl_ca_certfile,
+            database=args.database,
+            host=args.host,
+            port=args.port,
+            log_file=args.log_file,
+            workdir=args.workdir,
+        )
+    )
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from fedspatial.deploy_cli import ClientOptions, run_client
+
+    return run_client(
+        ClientOptions(
+            superlink=args.superlink,
+            data_path=args.data_path,
+            ca_cert=args.ca_cert,
+            auth_key=args.auth_key,
+            site_name=args.site_name,
+            output_path=args.output_path,
+            runtime_port=args.runtime_port,
+            connect_timeout=args.connect_timeout,
+            spatial_key=args.spatial_key,
+            label_key=args.label_key,
+        )
+    )
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from fedspatial.deploy_cli import generate_keypair
+
+    private, public = generate_keypair(
+        Path(args.out) / f"{args.name}.key", comment=args.name, overwrite=args.overwrite
+    )
+    print(f"private key (keep at this hospital, never send it): {private}")
+    print(f"public key (send to the coordinating center):        {public}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedspatial.deploy_cli import run_submit
+
+    overrides: dict[str, object] = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    if args.run_name:
+        overrides["run-name"] = args.run_name
+    return run_submit(
+        Path(args.config),
+        overrides=overrides,
+        connection=args.connection,
+        superlink=args.superlink,
+        ca_cert=args.ca_cert,
+        app_dir=args.app,
+    )
+
+
+def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    from fedspatial.deploy_cli import DEFAULT_CLIENT_RUNTIME_PORT, DEFAULT_PORT
+
+    srv = sub.add_parser(
+        "server",
+        help="coordinating center: run the SuperLink (TLS, SuperNode authentication, database)",
+        description="Check certificates, database folder and port, then run flower-superlink with "
+        "TLS, SuperNode authentication and a database (so that it can restart). Hospitals and "
+        f"`flwr run` all connect to the one port (default {DEFAULT_PORT}).",
+    )
+    srv.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key (deploy/gen-certs.sh)")
+    srv.add_argument("--ssl-certfile", type=Path, help="server certificate (instead of --certs)")
+    srv.add_argument("--ssl-keyfile", type=Path, help="server private key (instead of --certs)")
+    srv.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (instead of --certs)")
+    srv.add_argument("--database", type=Path, default=Path("fedspatial-state/superlink.db"),
+                     help="SQLite state (registered hospitals, runs); keep it across restarts")
+    srv.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    srv.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
+    srv.add_argument("--log-file", type=Path, help="also write the SuperLink log here (rotated daily)")
+    srv.add_argument("--workdir", type=Path,
+                     help="working directory of the SuperLink and its ServerApps: a relative run "
+                     "config results-dir is resolved against it (default: the current directory)")
+    srv.set_defaults(func=_cmd_server)
+
+    cli = sub.add_parser(
+        "client",
+        help="hospital: run a SuperNode that connects out to the SuperLink",
+        description="Check the key, the CA certificate, the site's data (as `fedspatial inspect`) "
+        "and that the SuperLink answers with a certificate from that CA, then run "
+        "flower-supernode. The connection is outbound only.",
+    )
+    cli.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the center's SuperLink")
+    cli.add_argument("--data-path", required=True, type=Path, help="this site's .h5ad file or folder")
+    cli.add_argument("--ca-cert", required=True, type=Path, help="the federation's ca.crt (from the center)")
+    cli.add_argument("--auth-key", required=True, type=Path, help="this hospital's private key (fedspatial keygen)")
+    cli.add_argument("--site-name", help="name in reports (default: the data folder's name)")
+    cli.add_argument("--output-path", type=Path,
+                     help="where annotated sections are written (default: <data-path>/../fedspatial-results/<run>/<site>)")
+    cli.add_argument("--runtime-port", type=int, default=DEFAULT_CLIENT_RUNTIME_PORT,
+                     help="local port (127.0.0.1) for this SuperNode's ClientApps; distinct per SuperNode on one machine")
+    cli.add_argument("--connect-timeout", type=float, default=10.0,
+                     help="seconds to wait for the SuperLink in the pre-flight check (default: 10)")
+    cli.add_argument("--spatial-key", default="spatial")
+    cli.add_argument("--label-key", default="domain")
+    cli.set_defaults(func=_cmd_client)
+
+    key = sub.add_parser("keygen", help="hospital: make the SuperNode authentication key pair",
+                         description="Write NAME.key (private, stays here, mode 600) and NAME.pub "
+                         "(send to the coordinating center for registration).")
+    key.add_argument("name", help="hospital name, e.g. hospital_a")
+    key.add_argument("--out", default=".", help="folder (default: current)")
+    key.add_argument("--overwrite", action="store_true")
+    key.set_defaults(func=_cmd_keygen)
+
+    sbm = sub.add_parser("submit", help="submit an experiment config to the SuperLink and stream the run",
+                         description="Validate a YAML experiment config, submit it with `flwr run "
+                         "--stream` and stream the run's log until it ends.")
+    sbm.add_argument("config", help="experiment config (YAML)")
+    sbm.add_argument("--connection", help="connection name in ~/.flwr/config.toml (default: its default)")
+    sbm.add_argument("--superlink", metavar="HOST:PORT", help="connect here instead of a named connection")
+    sbm.add_argument("--ca-cert", type=Path, help="the federation's ca.crt (with --superlink)")
+    sbm.add_argument("--app", type=Path, help="the fedspatial Flower App folder (default: this checkout)")
+    sbm.add_argument("--run-name")
+    sbm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    sbm.set_defaults(func=_cmd_submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedspatial", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -116,17 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scale", type=float, default=1.0, help="multiply section sizes")
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(func=_cmd_make_demo_data)
+
+    _add_deploy_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from fedspatial.deploy_cli import DeployError
     from fedspatial.shared.config import ConfigError
 
     try:
         return int(args.func(args))
-    except (ConfigError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, DeployError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

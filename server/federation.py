@@ -29,7 +29,7 @@ from fedspatial.client.payload import (
     feature_space_to_config,
     record_arrays,
 )
-from fedspatial.server.messaging import ask, wait_for_nodes
+from fedspatial.server.messaging import SiteGroup, ask, wait_for_nodes
 from fedspatial.server.report import write_run_report
 from fedspatial.server.run_store import RunStore
 from fedspatial.shared import clustering
@@ -55,19 +55,28 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     checkpoint = store.load_round()
 
     nodes = wait_for_nodes(grid, cfg.training.min_nodes or 1)
+    # From here on a site that fails is dropped; the run stops once fewer than min-nodes
+    # remain (0: every site that was there at the start).
+    n_min = cfg.training.min_nodes or len(nodes)
+    sites = SiteGroup(
+        grid, nodes, min_nodes=n_min,
+        hint=f"Finished rounds are checkpointed in {store.checkpoint_dir}: resubmit the run "
+        "with run config resume=true to continue from the last one.",
+    )
     # Sites read the run's settings from every message, not from their own run config:
     # the server's config is the one source of truth (and simulation carries no other).
     common = {"run-config": json.dumps(run_config)}
-    desc = ask(grid, nodes, "describe", config=common)
-    names = {n: str(desc[n]["config"]["site"]) for n in nodes}
-    logger.info("sites: %s", ", ".join(f"{names[n]} ({int(desc[n]['metrics']['num-examples'])} cells)" for n in nodes))
+    desc = ask(sites, sites.nodes, "describe", config=common)
+    names = {n: str(desc[n]["config"]["site"]) for n in desc}
+    sites.names.update(names)
+    logger.info("sites: %s", ", ".join(f"{names[n]} ({int(desc[n]['metrics']['num-examples'])} cells)" for n in desc))
 
     # -- harmonized feature space -------------------------------------------------------
     if checkpoint is not None:
         space = feature_space_from_config(checkpoint[2]["feature-space"])
     else:
-        shared = shared_features({names[n]: list(desc[n]["config"]["features"]) for n in nodes})
-        replies = ask(grid, nodes, "feature_stats", config={**common, "features": shared, "target-sum": cfg.features.target_sum}, names=names)
+        shared = shared_features({names[n]: list(desc[n]["config"]["features"]) for n in sites.nodes})
+        replies = ask(sites, sites.nodes, "feature_stats", config={**common, "features": shared, "target-sum": cfg.features.target_sum}, names=names)
         stats = [
             FeatureStats.from_arrays(shared, int(r["metrics"]["num-examples"]), record_arrays(r["arrays"]))
             for r in replies.values()
@@ -81,7 +90,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         logger.info("feature space: %d shared features, %d selected", len(space.shared), len(space.selected))
 
     # -- federated training -------------------------------------------------------------
-    batches = batch_names(cfg.model.batch, [desc[n]["config"] for n in nodes])
+    batches = batch_names(cfg.model.batch, [desc[n]["config"] for n in sites.nodes])
     torch.manual_seed(cfg.seed)
     model = GATAutoencoder(
         len(space.selected),
@@ -92,7 +101,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     )
     space_config = feature_space_to_config(space)
     setup = {**common, **space_config, **({"batches": batches} if batches else {})}
-    ask(grid, nodes, "setup", config=setup, names=names)
+    ask(sites, sites.nodes, "setup", config=setup, names=names)
     base_config: dict[str, Any] = {
         **common,
         "model-config": json.dumps(model.model_config()),
@@ -104,7 +113,6 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         done_rounds, arrays, state = checkpoint
         history = state["history"]
         logger.info("resuming after round %d of %d", done_rounds, cfg.training.num_rounds)
-    n_min = cfg.training.min_nodes or len(nodes)
     strategy = SpatialFedAvg(
         round_offset=done_rounds,
         # each batch's decoder weights are trained only by the site holding that batch
@@ -130,7 +138,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     remaining = cfg.training.num_rounds - done_rounds
     if remaining > 0:
         result = strategy.start(
-            grid=grid,
+            grid=sites,
             initial_arrays=arrays,
             num_rounds=remaining,
             train_config=ConfigRecord(base_config),
@@ -148,7 +156,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
 
     # -- federated k-means ----------------------------------------------------------------
     k = cfg.clustering.n_domains
-    proposals = ask(grid, nodes, "embed", config={**base_config, "n-domains": k}, arrays=arrays, names=names)
+    proposals = ask(sites, sites.nodes, "embed", config={**base_config, "n-domains": k}, arrays=arrays, names=names)
     # Sorted by site name so that the initialization does not depend on reply order.
     props = {n: record_arrays(proposals[n]["arrays"]) for n in sorted(proposals, key=names.__getitem__)}
     init = clustering.init_from_site_centroids(
@@ -165,13 +173,13 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         payload = {"centroids": kmeans.centroids}
         if kmeans.previous_centroids is not None:
             payload["previous"] = kmeans.previous_centroids
-        replies = ask(grid, nodes, "cluster_stats", config=common, arrays=arrays_record(payload), names=names)
+        replies = ask(sites, sites.nodes, "cluster_stats", config=common, arrays=arrays_record(payload), names=names)
         merged = clustering.merge_cluster_stats(
             [clustering.ClusterStats.from_arrays(record_arrays(r["arrays"])) for r in replies.values()]
         )
         kmeans.step(merged)
     # Confidence uses the spread of the final assignment (one more stats round).
-    final = ask(grid, nodes, "cluster_stats", config=common, arrays=arrays_record({"centroids": kmeans.centroids}), names=names)
+    final = ask(sites, sites.nodes, "cluster_stats", config=common, arrays=arrays_record({"centroids": kmeans.centroids}), names=names)
     final_stats = clustering.merge_cluster_stats(
         [clustering.ClusterStats.from_arrays(record_arrays(r["arrays"])) for r in final.values()]
     )
@@ -179,8 +187,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
 
     # -- finalize at the sites and report ------------------------------------------------
     fin = ask(
-        grid,
-        nodes,
+        sites,
+        sites.nodes,
         "finalize",
         config={**base_config, "variance": variance, "refine": cfg.clustering.refine, "run-name": cfg.run_name},
         arrays=arrays_record({"centroids": kmeans.centroids}),
@@ -201,6 +209,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
             "wall-seconds": time.perf_counter() - t0,
             "domain-sizes": final_stats.counts.astype(int).tolist(),
             "model-parameters": int(sum(np.prod(v.shape) for v in final_state.values())),
+            "dropped-sites": sites.dropped,
         },
     )
 

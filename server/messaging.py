@@ -1,10 +1,17 @@
-"""Ask sites for something and get their replies, or a clear error."""
+"""Ask sites for something and get their replies, or a clear error.
+
+A run keeps going when a site drops out (its SuperNode crashed, lost its connection or
+its ClientApp failed) as long as ``min-nodes`` sites remain: :class:`SiteGroup` is the
+run's view of the federation, and it stops the run with a message naming the lost
+sites once too few remain.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -31,6 +38,157 @@ def wait_for_nodes(grid: Grid, n: int, *, timeout: float = 120.0) -> list[int]:
         time.sleep(1.0)
 
 
+class SiteGroup(Grid):
+    """The sites taking part in one run, seen as a :class:`~flwr.serverapp.Grid`.
+
+    Hand it to Flower's strategies and to :func:`ask` instead of the Grid itself:
+
+    - it offers only the run's participants, so a SuperNode that joins (or rejoins with
+      an empty state) mid-run is never asked for a step whose setup it missed;
+    - a site whose reply is an error is dropped from the run. Flower answers with an
+      error for a SuperNode whose heartbeat stopped (crash, lost network), so a lost
+      site costs at most that detection delay;
+    - while fewer than ``min_nodes`` participants are online it raises :class:`SiteError`
+      after ``patience`` seconds, where Flower's node sampling would wait forever.
+
+    Parameters
+    ----------
+    grid : Grid
+        The run's Grid.
+    nodes : iterable of int
+        The participating node ids.
+    min_nodes : int
+        The run stops once fewer sites remain.
+    patience : float (default: 120.0)
+        Seconds to wait for participants that are offline before giving up.
+    poll_interval : float (default: 1.0)
+        Longest pause between checks for replies (Flower's own loop sleeps 3 s).
+    hint : str (default: "")
+        Appended to the error when too few sites remain (what was saved, how to go on).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        nodes: Iterable[int],
+        *,
+        min_nodes: int,
+        patience: float = 120.0,
+        poll_interval: float = 1.0,
+        hint: str = "",
+    ) -> None:
+        self._grid = grid
+        self.nodes: list[int] = sorted(nodes)
+        self.min_nodes = min_nodes
+        self.patience = patience
+        self.poll_interval = poll_interval
+        self.hint = hint
+        self.names: dict[int, str] = {}
+        self.dropped: dict[str, str] = {}
+        self._short_since: float | None = None
+        self._node_of_message: dict[str, int] = {}
+
+    # -- delegated to the Grid ---------------------------------------------------------------
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_grid":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._grid, name)
+
+    # -- the run's view -----------------------------------------------------------------------
+    def name(self, node: int) -> str:
+        return self.names.get(node, f"node {node}")
+
+    def get_node_ids(self) -> list[int]:
+        """Participants that are online; raises :class:`SiteError` when fewer than
+        ``min_nodes`` have been online for longer than ``patience``."""
+        online = set(self._grid.get_node_ids())
+        active = [n for n in self.nodes if n in online]
+        if len(active) >= self.min_nodes:
+            self._short_since = None
+            return active
+        now = time.monotonic()
+        if self._short_since is None:
+            self._short_since = now
+            waiting = ", ".join(self.name(n) for n in self.nodes if n not in online)
+            logger.warning("waiting up to %.0f s for offline site(s): %s", self.patience, waiting)
+        elif now - self._short_since > self.patience:
+            offline = {self.name(n): "offline (no heartbeat)" for n in self.nodes if n not in online}
+            raise SiteError(self._too_few(f"only {len(active)} site(s) online", {**self.dropped, **offline}))
+        return active
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Push ``messages``, collect replies until all arrived or ``timeout``; drop every
+        site that answered with an error or not at all."""
+        messages = list(messages)
+        ids = list(self._grid.push_messages(messages))
+        pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True) if mid}
+        self._node_of_message.update(pending)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        delay = 0.05  # quick replies (simulation) are seen at once; then back off
+        while pending:
+            for reply in self._grid.pull_messages(list(pending)):
+                replies.append(reply)
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None and reply.has_error():
+                    self.drop(node, reply.error.reason or "error", reply.metadata.message_type)
+            if not pending or (deadline is not None and time.monotonic() > deadline):
+                break
+            time.sleep(delay)
+            delay = min(delay * 1.5, self.poll_interval)
+        for node in pending.values():
+            self.drop(node, f"no reply within {timeout:.0f} s", messages[0].metadata.message_type)
+        for mid, m in zip(ids, messages, strict=True):
+            if not mid:  # Flower could not push it (it logs why)
+                self.drop(m.metadata.dst_node_id, "the message could not be sent", m.metadata.message_type)
+        return replies
+
+    def node_of(self, reply: Message) -> int:
+        """The site a reply answers for (Flower's own error replies come from the SuperLink)."""
+        return self._node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def drop(self, node: int, reason: str, step: str = "") -> None:
+        """Take ``node`` out of the run (logged; listed in the run report)."""
+        if node not in self.nodes:
+            return
+        self.nodes.remove(node)
+        self.dropped[self.name(node)] = f"{step}: {reason}" if step else reason
+        left = len(self.nodes)
+        logger.warning(
+            "site %s dropped out of the run%s: %s; %s with %d site(s) (min-nodes %d)",
+            self.name(node), f" at {step}" if step else "", reason,
+            "continuing" if left >= self.min_nodes else "cannot go on", left, self.min_nodes,
+        )
+
+    def require(self, step: str) -> None:
+        """Raise :class:`SiteError` when fewer than ``min_nodes`` sites remain."""
+        if len(self.nodes) < self.min_nodes:
+            raise SiteError(self._too_few(f"{step}: only {len(self.nodes)} site(s) left", self.dropped))
+
+    def _too_few(self, what: str, lost: Mapping[str, str]) -> str:
+        listed = "".join(f"\n  - {site}: {why}" for site, why in lost.items())
+        return (
+            f"{what}, fewer than min-nodes={self.min_nodes}; the run stops.{listed}\n"
+            "Restart the lost site(s) (`fedspatial client ...`) or lower min-nodes. " + self.hint
+        ).strip()
+
+
 def ask(
     grid: Grid,
     nodes: Iterable[int],
@@ -45,7 +203,9 @@ def ask(
     """Send ``query.<action>`` to each node; return ``{node_id: reply content}``.
 
     ``arrays`` may be one record for everybody or one per node. A site that fails raises
-    :class:`SiteError` naming the site and its reason, unless ``allow_failures``.
+    :class:`SiteError` naming the site and its reason, unless ``allow_failures``. With a
+    :class:`SiteGroup`, a failed site is dropped instead and :class:`SiteError` is raised
+    only when fewer than its ``min_nodes`` remain.
     """
     messages = []
     for node in nodes:
@@ -56,6 +216,9 @@ def ask(
             content["arrays"] = record
         messages.append(Message(content=content, dst_node_id=node, message_type=f"query.{action}"))
     replies = list(grid.send_and_receive(messages, timeout=timeout))
+    if isinstance(grid, SiteGroup):
+        grid.require(f"query.{action}")
+        return {grid.node_of(r): r.content for r in replies if not r.has_error()}
     out: dict[int, RecordDict] = {}
     failures = []
     for reply in replies:

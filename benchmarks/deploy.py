@@ -1,0 +1,239 @@
+"""Deployed vs simulated: the same 2-round run, as a real deployment and in simulation.
+
+Deployment: ``fedspatial server`` (TLS, SuperNode authentication, database) and three
+``fedspatial client`` processes on 127.0.0.1, certificates from deploy/gen-certs.sh, keys
+from ``fedspatial keygen``, the run submitted with ``flwr run``. Simulation: ``fedspatial
+simulate``'s code path (Flower's simulation runtime on Ray). Same data, same run config,
+same machine, one after the other. Writes benchmarks/results/deploy.md and deploy.json.
+
+    python benchmarks/deploy.py [--work benchmarks/.work/deploy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import psutil
+import tomli_w
+
+from fedspatial import deploy_cli
+from fedspatial.server.simulate import simulate, synthetic_spec
+from fedspatial.shared.config import ExperimentConfig
+from fedspatial.shared.synthetic import SyntheticSpec, write_synthetic_federation
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BIN = Path(sys.executable).parent
+SITES = ("hospital_a", "hospital_b", "hospital_c")
+# The deploy test suite's run (tests/test_deploy.py), with a few more k-means iterations.
+RUN_CONFIG: dict[str, Any] = {
+    "num-rounds": 2, "local-epochs": 1, "batch-size": 64, "n-top-features": 60,
+    "hidden-dim": 32, "latent-dim": 8, "kmeans-max-iter": 3, "min-nodes": 3,
+}
+DATASETS = {
+    "small": dataclasses.replace(SyntheticSpec(seed=5), spots_per_section=(120, 180), n_features=80),
+    "demo": synthetic_spec(seed=0),
+}
+log = logging.getLogger("benchmark")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process and everything it started, by pid; SIGKILL after 20 s."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    for p in alive:
+        p.kill()
+    proc.wait(timeout=10)
+
+
+def run_deployed(work: Path, manifest: Path, name: str) -> dict[str, Any]:
+    data = manifest.parent
+    certs, keys, flwr_home = work / "certs", work / "keys", work / "flwr"
+    subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), "-o", str(certs), "127.0.0.1"],
+                   check=True, capture_output=True)
+    for site in SITES:
+        deploy_cli.generate_keypair(keys / f"{site}.key", comment=site)
+    port = _free_port()
+    deploy_cli.write_flwr_connection(flwr_home, "bench", f"127.0.0.1:{port}", certs / "ca.crt")
+    env = deploy_cli.flower_env({**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    (work / "logs").mkdir(parents=True)
+    procs: list[subprocess.Popen] = []
+
+    def spawn(args: list[str], logname: str) -> subprocess.Popen:
+        with open(work / "logs" / logname, "wb") as out:
+            procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env))
+        return procs[-1]
+
+    def online() -> int:
+        res = subprocess.run([str(BIN / "flwr"), "supernode", "ls", "bench", "--format", "json"],
+                             capture_output=True, text=True, env=env, timeout=60)
+        return sum(n["status"] == "online" for n in json.loads(res.stdout[res.stdout.index("{"):])["nodes"])
+
+    try:
+        t0 = time.perf_counter()
+        spawn([str(BIN / "fedspatial"), "server", "--certs", str(certs), "--database", str(work / "state" / "superlink.db"),
+               "--host", "127.0.0.1", "--port", str(port), "--workdir", str(work / "center")], "server.log")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                deploy_cli.check_superlink(f"127.0.0.1:{port}", certs / "ca.crt", timeout=2)
+                break
+            except deploy_cli.DeployError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        for site in SITES:
+            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(keys / f"{site}.pub"), "bench"],
+                           check=True, capture_output=True, env=env, timeout=60)
+            spawn([str(BIN / "fedspatial"), "client", "--superlink", f"127.0.0.1:{port}", "--data-path", str(data / site),
+                   "--ca-cert", str(certs / "ca.crt"), "--auth-key", str(keys / f"{site}.key"),
+                   "--output-path", str(work / "out" / site), "--runtime-port", str(_free_port())], f"client-{site}.log")
+        deadline = time.monotonic() + 120
+        while online() < len(SITES):
+            if time.monotonic() > deadline:
+                raise TimeoutError("SuperNodes did not come online within 120 s")
+            time.sleep(2)
+        startup = time.perf_counter() - t0
+        run_config = work / "run.toml"
+        run_config.write_text(tomli_w.dumps({**RUN_CONFIG, "run-name": name, "results-dir": str(work / "results")}))
+        t1 = time.perf_counter()
+        res = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "bench", "--stream", "--run-config", str(run_config)],
+                             capture_output=True, text=True, env=env, timeout=3600)
+        wall = time.perf_counter() - t1
+        (work / "logs" / "run.log").write_text(res.stdout + res.stderr)
+        if res.returncode != 0:
+            raise RuntimeError(f"deployed run failed:\n{(res.stdout + res.stderr)[-3000:]}")
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+    report = json.loads((work / "results" / name / "metrics.json").read_text())
+    messages = (work / "logs" / "client-hospital_a.log").read_text().count("Receiving:")
+    return {"wall_s": wall, "startup_s": startup, "serverapp_s": report["wall-seconds"],
+            "messages_per_site": messages, "joint_ari": report["joint"]["ari"]}
+
+
+def run_simulated(work: Path, manifest: Path, name: str) -> dict[str, Any]:
+    cfg = ExperimentConfig.from_run_config(
+        {**RUN_CONFIG, "run-name": name, "results-dir": str(work), "manifest": str(manifest), "modes": "federated"}
+    )
+    t0 = time.perf_counter()
+    result = simulate(cfg, modes=["federated"])["federated"]
+    wall = time.perf_counter() - t0
+    report = json.loads((work / name / "federated" / "metrics.json").read_text())
+    return {"wall_s": wall, "serverapp_s": report["wall-seconds"], "joint_ari": result["joint_ari"]}
+
+
+def import_seconds() -> float:
+    """Wall time to start Python and import the ClientApp: paid by every deployed message."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import flwr.supernode.cli.flwr_clientapp, fedspatial.client.app"], check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=str(HERE / ".work" / "deploy"))
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("flwr").propagate = False
+    work = Path(args.work)
+    if work.exists():
+        shutil.rmtree(work)
+    rows = []
+    for ds in args.datasets.split(","):
+        manifest = write_synthetic_federation(work / ds / "data", DATASETS[ds])
+        spots = sum(ad.read_h5ad(f, backed="r").n_obs for f in manifest.parent.rglob("*.h5ad"))
+        log.info("%s: simulation", ds)
+        sim = run_simulated(work / ds / "sim", manifest, f"{ds}-sim")
+        log.info("%s: deployment", ds)
+        dep = run_deployed(work / ds / "deploy", manifest, f"{ds}-deploy")
+        rows.append({"dataset": ds, "spots": spots, "simulation": sim, "deployment": dep})
+        log.info("%s: simulation %.0f s, deployment %.0f s", ds, sim["wall_s"], dep["wall_s"])
+    imports = [import_seconds() for _ in range(3)]
+    meta = {"cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "run_config": RUN_CONFIG,
+            "clientapp_import_s": sorted(imports)[1]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "deploy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "deploy.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+    return 0
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    cfg = " ".join(f"{k}={v}" for k, v in meta["run_config"].items())
+    lines = [
+        "# Deployed vs simulated: the same 2-round run",
+        "",
+        f"`python benchmarks/deploy.py` on {meta['cpus']} CPU cores ({meta['machine']}, Python "
+        f"{meta['python']}), one mode after the other. 3 sites (7 sections), run config: `{cfg}`.",
+        "Deployment: `fedspatial server` (TLS, SuperNode authentication, database) and three "
+        "`fedspatial client`s on 127.0.0.1, run submitted with `flwr run`. Simulation: "
+        "Flower's simulation runtime (Ray), as `fedspatial simulate`.",
+        "",
+        "| data | spots | simulation wall s | deployment wall s | ratio | deployment: federation start s "
+        "| messages per site | s per message | joint ARI sim / deploy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        sim, dep = r["simulation"], r["deployment"]
+        lines.append(
+            f"| {r['dataset']} | {r['spots']:,} | {sim['wall_s']:.0f} | {dep['wall_s']:.0f} | "
+            f"{dep['wall_s'] / sim['wall_s']:.1f}x | {dep['startup_s']:.0f} | {dep['messages_per_site']} | "
+            f"{dep['serverapp_s'] / dep['messages_per_site']:.1f} | {sim['joint_ari']:.3f} / {dep['joint_ari']:.3f} |"
+        )
+    lines += [
+        "",
+        "- *wall s*: from submitting the run to its end, as the submitter sees it (simulation: "
+        "including Ray's start). *federation start*: SuperLink up, 3 keys registered, 3 SuperNodes "
+        "online (once per deployment, not per run). *s per message*: the ServerApp's wall time "
+        "divided by the messages each site received.",
+        f"- Where the deployed time goes: Flower 1.42 starts a fresh `flwr-clientapp` process at "
+        f"each site for every message, and starting Python and importing the ClientApp "
+        f"(torch, torch-geometric, flwr) alone takes {meta['clientapp_import_s']:.1f} s here; with "
+        "three sites on two cores these start-ups share the CPU. Simulation keeps one warm "
+        "process per site. Training itself is well under a second per round at this size, so the "
+        "wall time barely depends on the data size.",
+        "- A run sends `6 + 2 x num-rounds + k-means iterations` messages to each site. With "
+        "`configs/demo.yaml` (30 rounds, up to 100 k-means iterations) that is up to 166 "
+        "messages: budget for it, or cap `kmeans-max-iter` / set `kmeans-tol` (deploy/run.yaml).",
+        "- Joint ARIs differ slightly because each site's training seed includes its name in a "
+        "deployment and its partition id in simulation; 2 rounds x 1 epoch is a timing run, "
+        "not a quality benchmark (see backbone.md).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

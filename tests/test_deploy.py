@@ -1,0 +1,558 @@
+"""Deployment with real processes on 127.0.0.1: a SuperLink with TLS (certificates from
+``deploy/gen-certs.sh``), SuperNode authentication and a database, three SuperNodes with
+their own synthetic site data, all started through ``fedspatial server`` / ``client``.
+
+Run alone with ``pytest -m deploy``. Every process gets a marker in its environment;
+teardown stops each by its pid and checks that none is left. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anndata as ad
+import psutil
+import pytest
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+from fedspatial import deploy_cli
+from fedspatial.deploy_cli import DeployError
+from fedspatial.shared.synthetic import SyntheticSpec, write_synthetic_federation
+
+pytestmark = pytest.mark.deploy
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SITES = ("hospital_a", "hospital_b", "hospital_c")
+CONNECTION = "deploy-test"
+# Small sites and model; kmeans-max-iter bounds the number of message rounds, because in a
+# deployment every message starts a fresh ClientApp process at each site.
+RUN_CONFIG = {
+    "num-rounds": 2,
+    "local-epochs": 1,
+    "batch-size": 64,
+    "n-top-features": 60,
+    "hidden-dim": 32,
+    "latent-dim": 8,
+    "kmeans-max-iter": 2,
+}
+RUN_TIMEOUT = 600.0
+MARKER = f"fedspatial-deploy-test-{uuid.uuid4().hex[:8]}"
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        FEDSPATIAL_TEST_MARKER=MARKER,  # inherited by every process Flower starts
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _marked_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+            if proc.environ().get("FEDSPATIAL_TEST_MARKER") == MARKER:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _stop_tree(popen: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20.0) -> None:
+    """Stop a process and everything it started (Flower detaches its helpers into new
+    sessions), by pid: ``sig`` first, SIGKILL after ``grace`` seconds."""
+    try:
+        tree = [psutil.Process(popen.pid), *psutil.Process(popen.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+    try:
+        popen.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(timeout=10)
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+def _wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 1.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclasses.dataclass
+class Deployment:
+    root: Path
+    certs: Path
+    data: Path
+    keys: Path
+    flwr_home: Path
+    port: int
+    env: dict[str, str]
+    procs: list[subprocess.Popen] = dataclasses.field(default_factory=list)
+    server: subprocess.Popen | None = None
+    clients: dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "center" / "results"
+
+    def spawn(self, args: list[str], log: str, **kwargs) -> subprocess.Popen:
+        out = open(self.root / "logs" / log, "ab")  # noqa: SIM115  # closed with the process
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, **kwargs)
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / "logs" / name).read_text(errors="replace")
+
+    def run(self, args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return subprocess.run(args, capture_output=True, text=True, env=self.env, timeout=timeout)
+
+    # -- the center ----------------------------------------------------------------------
+    def start_server(self) -> None:
+        self.server = self.spawn(
+            [str(BIN / "fedspatial"), "server", "--certs", str(self.certs),
+             "--database", str(self.root / "state" / "superlink.db"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workdir", str(self.root / "center")],
+            "server.log",
+        )
+
+        def up() -> bool:
+            try:
+                deploy_cli.check_superlink(self.address, self.certs / "ca.crt", timeout=2)
+            except DeployError:
+                assert self.server is not None and self.server.poll() is None, self.log("server.log")
+                return False
+            return True
+
+        _wait_for(up, 60, "the SuperLink to accept TLS connections")
+
+    def stop_server(self) -> None:
+        assert self.server is not None
+        _stop_tree(self.server)
+        self.server = None
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return self.run([str(BIN / "flwr"), *args], timeout=timeout)
+
+    def nodes(self) -> list[dict]:
+        res = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        assert res.returncode == 0, res.stdout + res.stderr
+        return json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
+
+    def online(self) -> int:
+        return sum(n["status"] == "online" for n in self.nodes())
+
+    # -- hospitals -----------------------------------------------------------------------
+    def client_args(self, site: str, *, key: str | None = None, ca: Path | None = None,
+                    address: str | None = None, port: int | None = None) -> list[str]:
+        return [
+            str(BIN / "fedspatial"), "client",
+            "--superlink", address or self.address,
+            "--data-path", str(self.data / site),
+            "--ca-cert", str(ca or self.certs / "ca.crt"),
+            "--auth-key", str(self.keys / f"{key or site}.key"),
+            "--output-path", str(self.root / "out" / site),
+            "--runtime-port", str(port or _free_port()),
+        ]
+
+    def start_client(self, site: str) -> None:
+        self.clients[site] = self.spawn(self.client_args(site), f"client-{site}.log")
+
+    def crash_client(self, site: str) -> None:
+        """A hospital machine dies: SIGKILL to the SuperNode and everything it started."""
+        _stop_tree(self.clients.pop(site), sig=signal.SIGKILL, grace=10)
+
+    # -- runs ------------------------------------------------------------------------------
+    def run_config_file(self, name: str, **extra) -> Path:
+        path = self.root / f"{name}.toml"
+        cfg = {**RUN_CONFIG, "run-name": name, "results-dir": str(self.results), **extra}
+        path.write_text(tomli_w.dumps(cfg))
+        return path
+
+    def submit(self, name: str, **extra) -> subprocess.Popen:
+        """``flwr run . <connection> --stream`` in the background."""
+        return self.spawn(
+            [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--stream",
+             "--run-config", str(self.run_config_file(name, **extra))],
+            f"run-{name}.log",
+        )
+
+    def wait_run(self, proc: subprocess.Popen, name: str) -> str:
+        try:
+            proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _stop_tree(proc)
+            raise AssertionError(f"run {name} did not finish in {RUN_TIMEOUT:.0f} s:\n{self.log(f'run-{name}.log')[-3000:]}") from None
+        return self.log(f"run-{name}.log")
+
+    def report(self, name: str) -> dict:
+        return json.loads((self.results / name / "metrics.json").read_text())
+
+    def checkpoint_round(self, name: str) -> int:
+        state = self.results / name / "checkpoint" / "state.json"
+        return int(json.loads(state.read_text())["round"]) if state.exists() else 0
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory) -> Deployment:
+    """Certificates (deploy script), hospital keys (``fedspatial keygen``), site data and a
+    Flower connection; no process running yet."""
+    root = tmp_path_factory.mktemp("deploy")
+    for sub in ("logs", "state", "center", "out"):
+        (root / sub).mkdir()
+    certs = root / "certs"
+    subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), "-o", str(certs), "127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    # A second, unrelated CA: what a hospital holding the wrong file would have.
+    subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), "-o", str(root / "other"), "127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    spec = dataclasses.replace(SyntheticSpec(seed=5), spots_per_section=(120, 180), n_features=80)
+    write_synthetic_federation(root / "data", spec)
+    keys = root / "keys"
+    for name in (*SITES, "intruder"):
+        res = subprocess.run([str(BIN / "fedspatial"), "keygen", name, "--out", str(keys)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+    flwr_home = root / "flwr"
+    port = _free_port()
+    deploy_cli.write_flwr_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", certs / "ca.crt")
+    return Deployment(root, certs, root / "data", keys, flwr_home, port, _env(flwr_home))
+
+
+@pytest.fixture(scope="module")
+def deployment(material: Deployment) -> Iterator[Deployment]:
+    """The SuperLink, the three hospitals' keys registered, their SuperNodes online."""
+    dep = material
+    try:
+        dep.start_server()
+        for site in SITES:
+            res = dep.flwr("supernode", "register", str(dep.keys / f"{site}.pub"), CONNECTION, "--name", site)
+            assert res.returncode == 0 and "registered successfully" in res.stdout, res.stdout + res.stderr
+        for site in SITES:
+            dep.start_client(site)
+        _wait_for(lambda: dep.online() == 3, 90, "three SuperNodes online", interval=2)
+        yield dep
+    finally:
+        for proc in reversed(dep.procs):
+            _stop_tree(proc)
+        leftovers = _marked_processes()
+        for proc in leftovers:
+            proc.kill()
+        assert not leftovers, f"processes left running: {[p.cmdline() for p in leftovers]}"
+
+
+# ----------------------------------------------------------------------------- checks without processes
+
+
+def _cert(path: Path, key_path: Path, issuer_key, *, days: tuple[int, int], names: list[str],
+          issuer: x509.Name | None = None) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer or subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + dt.timedelta(days=days[0]))
+        .not_valid_after(now + dt.timedelta(days=days[1]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .sign(issuer_key or key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+
+def test_server_certificate_checks(material: Deployment, tmp_path: Path) -> None:
+    certs, other = material.certs, material.root / "other"
+    names = deploy_cli.check_server_certificates(certs / "server.crt", certs / "server.key", certs / "ca.crt", "0.0.0.0")
+    assert {"localhost", "127.0.0.1"} <= set(names)
+    with pytest.raises(DeployError, match="does not belong to server certificate"):
+        deploy_cli.check_server_certificates(certs / "server.crt", other / "server.key", certs / "ca.crt", "0.0.0.0")
+    with pytest.raises(DeployError, match="was not issued by the CA"):
+        deploy_cli.check_server_certificates(certs / "server.crt", certs / "server.key", other / "ca.crt", "0.0.0.0")
+    with pytest.raises(DeployError, match="does not exist"):
+        deploy_cli.check_server_certificates(tmp_path / "nope.crt", certs / "server.key", certs / "ca.crt", "0.0.0.0")
+    expired = tmp_path / "expired.crt"
+    _cert(expired, tmp_path / "expired.key", None, days=(-30, -1), names=["localhost"])
+    with pytest.raises(DeployError, match=r"expired on .* renews it"):
+        deploy_cli.check_server_certificates(expired, tmp_path / "expired.key", certs / "ca.crt", "0.0.0.0")
+    with pytest.raises(DeployError, match=r"reaches itself at 10\.1\.2\.3"):
+        deploy_cli.check_server_certificates(certs / "server.crt", certs / "server.key", certs / "ca.crt", "10.1.2.3")
+
+
+def test_keys_and_addresses(material: Deployment, tmp_path: Path) -> None:
+    key = material.keys / "hospital_a.key"
+    assert deploy_cli.check_auth_key(key) == key
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert (material.keys / "hospital_a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    with pytest.raises(DeployError, match=r"not the \.pub"):
+        deploy_cli.check_auth_key(material.keys / "hospital_a.pub")
+    with pytest.raises(DeployError, match="exists"):
+        deploy_cli.generate_keypair(key)
+    assert deploy_cli.parse_address("fl.example.org:9092") == ("fl.example.org", 9092)
+    assert deploy_cli.parse_address("[::1]:9092") == ("::1", 9092)
+    with pytest.raises(DeployError, match="HOST:PORT"):
+        deploy_cli.parse_address("fl.example.org")
+
+
+def test_client_refuses_bad_data_before_connecting(material: Deployment, tmp_path: Path) -> None:
+    """Missing data path and data with problems: the `fedspatial inspect` message, no connection."""
+    args = material.client_args("hospital_a", address="127.0.0.1:9")  # nothing would answer there
+    missing = [*args]
+    missing[missing.index("--data-path") + 1] = str(tmp_path / "no-such-site")
+    res = material.run(missing)
+    assert res.returncode == 2 and "does not exist" in res.stderr and "fedspatial inspect" in res.stderr
+    bad = ad.read_h5ad(next((material.data / "hospital_a").glob("*.h5ad")))
+    del bad.obsm["spatial"]
+    (tmp_path / "bad").mkdir()
+    bad.write_h5ad(tmp_path / "bad" / "s1.h5ad")
+    broken = [*args]
+    broken[broken.index("--data-path") + 1] = str(tmp_path / "bad")
+    res = material.run(broken)
+    assert res.returncode == 2 and "obsm['spatial']" in res.stderr
+
+
+def test_unreachable_superlink_fails_fast_with_a_clear_message(material: Deployment) -> None:
+    port = _free_port()  # nothing listens there
+    start = time.monotonic()
+    res = material.run(material.client_args("hospital_a", address=f"127.0.0.1:{port}"), timeout=60)
+    assert res.returncode == 2
+    assert "refused the connection" in res.stderr and "firewall" in res.stderr, res.stderr
+    # A port that accepts TCP but never answers (a wrong service, a stalled proxy).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        args = material.client_args("hospital_a", address=f"127.0.0.1:{silent.getsockname()[1]}")
+        res = material.run([*args, "--connect-timeout", "3"], timeout=60)
+    assert res.returncode == 2 and "did not complete a TLS handshake within 3 s" in res.stderr, res.stderr
+    assert time.monotonic() - start < 45
+
+
+class _FakeGrid:
+    """Replies at once; nodes in ``dead`` answer with Flower's node-unavailable error."""
+
+    def __init__(self, online: set[int], dead: set[int]) -> None:
+        self.online, self.dead, self.sent = online, dead, {}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.online)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"m{len(self.sent)}-{m.metadata.dst_node_id}"
+            m.metadata.__dict__["_message_id"] = mid
+            self.sent[mid] = m
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in ids:
+            m = self.sent[mid]
+            if m.metadata.dst_node_id in self.dead:
+                out.append(Message(Error(code=3, reason="Node Unavailable"), reply_to=m))
+            else:
+                out.append(Message(RecordDict({"config": ConfigRecord({"ok": 1})}), reply_to=m))
+        return out
+
+
+def test_site_group_drops_failed_sites_until_too_few_remain(monkeypatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedspatial.server.messaging import SiteError, SiteGroup, ask
+
+    # Message() reads the identity Flower gives a ServerApp process.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    grid = _FakeGrid({1, 2, 3}, dead={3})
+    sites = SiteGroup(grid, [1, 2, 3], min_nodes=2, patience=0.2, hint="checkpoint kept")
+    sites.names = {1: "a", 2: "b", 3: "c"}
+    # Flower's own error replies come from the SuperLink, not the site: attributed by message id.
+    assert sorted(ask(sites, sites.nodes, "describe")) == [1, 2]
+    assert sites.nodes == [1, 2] and "Node Unavailable" in sites.dropped["c"]
+    assert sites.get_node_ids() == [1, 2]
+    grid.dead = {2}
+    with pytest.raises(SiteError, match=r"only 1 site\(s\) left, fewer than min-nodes=2(.|\n)*- b: (.|\n)*checkpoint kept"):
+        ask(sites, sites.nodes, "describe")
+    # Too few online for longer than `patience`: an error instead of Flower's endless wait.
+    late = SiteGroup(_FakeGrid({1}, set()), [1, 2], min_nodes=2, patience=0.2)
+    assert late.get_node_ids() == [1]
+    time.sleep(0.3)
+    with pytest.raises(SiteError, match="only 1 site"):
+        late.get_node_ids()
+
+
+# ----------------------------------------------------------------------------- the deployment
+
+
+def test_wrong_ca_is_refused_with_a_clear_message(deployment: Deployment) -> None:
+    args = deployment.client_args("hospital_a", ca=deployment.root / "other" / "ca.crt")
+    res = deployment.run(args, timeout=60)
+    assert res.returncode == 2
+    assert "wrong CA file" in res.stderr and "did not issue" in res.stderr, res.stderr
+    # ... and Flower itself agrees: a SuperNode holding that CA never gets online.
+    proc = deployment.spawn(
+        [str(BIN / "flower-supernode"), "--superlink", deployment.address,
+         "--root-certificates", str(deployment.root / "other" / "ca.crt"),
+         "--auth-supernode-private-key", str(deployment.keys / "hospital_a.key"),
+         "--port", str(_free_port()), "--max-retries", "2"],
+        "raw-wrong-ca.log",
+    )
+    try:
+        proc.wait(timeout=90)
+    finally:
+        _stop_tree(proc)
+    assert proc.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in deployment.log("raw-wrong-ca.log")
+    assert deployment.online() == 3
+
+
+def test_unregistered_supernode_is_refused(deployment: Deployment) -> None:
+    args = deployment.client_args("hospital_a", key="intruder")
+    start = time.monotonic()
+    res = deployment.run(args, timeout=120)
+    assert res.returncode != 0
+    assert "refused this SuperNode" in res.stderr and "not registered" in res.stderr, res.stderr[-3000:]
+    assert "flwr supernode register intruder.pub" in res.stderr
+    assert time.monotonic() - start < 90
+    assert len(deployment.nodes()) == 3 and deployment.online() == 3
+
+
+def test_two_round_run_completes(deployment: Deployment) -> None:
+    """`fedspatial submit CONFIG`: results at the center, annotated sections at the sites."""
+    config = deployment.root / "t1.yaml"
+    config.write_text(
+        f"run-name: t1\nresults-dir: {deployment.results}\n"
+        "features: {n-top-features: 60}\nmodel: {hidden-dim: 32, latent-dim: 8}\n"
+        "training: {num-rounds: 2, local-epochs: 1, batch-size: 64, min-nodes: 3}\n"
+        "clustering: {kmeans-max-iter: 2}\n"
+    )
+    start = time.monotonic()
+    res = deployment.run(
+        [str(BIN / "fedspatial"), "submit", str(config), "--connection", CONNECTION, "--app", str(ROOT)],
+        timeout=RUN_TIMEOUT,
+    )
+    wall = time.monotonic() - start
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "run finished" in res.stderr
+    report = deployment.report("t1")
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert all(r["n-sites"] == 3 for r in report["rounds"])
+    assert set(report["sites"]) == set(SITES)
+    assert 0.0 <= report["joint"]["ari"] <= 1.0
+    assert report["dropped-sites"] == {}
+    assert (deployment.results / "t1" / "model" / "model.safetensors").is_file()
+    for site in SITES:
+        written = sorted((deployment.root / "out" / site).rglob("*.h5ad"))
+        assert len(written) == len(report["sites"][site]["sections"])
+        annotated = ad.read_h5ad(written[0])
+        assert annotated.obsm["X_fedspatial"].shape[1] == 8
+        assert "fedspatial_domain" in annotated.obs
+    assert not list((deployment.results / "t1").rglob("*.h5ad"))  # sections stay at the sites
+    (deployment.root / "t1-wall.txt").write_text(f"{wall:.1f}\n")
+
+
+def test_run_completes_after_losing_a_site(deployment: Deployment) -> None:
+    """A hospital machine dies in round 2: the run drops it and finishes with two."""
+    run = deployment.submit("t4", **{"min-nodes": 2})
+    _wait_for(lambda: deployment.checkpoint_round("t4") >= 1 or run.poll() is not None, RUN_TIMEOUT,
+              "round 1 of run t4", interval=2)
+    assert run.poll() is None, deployment.log("run-t4.log")[-3000:]
+    deployment.crash_client("hospital_c")
+    log = deployment.wait_run(run, "t4")
+    assert run.returncode == 0, log[-3000:]
+    report = deployment.report("t4")
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["rounds"][0]["n-sites"] == 3 and report["rounds"][1]["n-sites"] == 2
+    assert set(report["sites"]) == {"hospital_a", "hospital_b"}
+    assert "hospital_c" in report["dropped-sites"]
+    assert "dropped out of the run" in log
+
+
+def test_superlink_restart_keeps_state_and_a_new_run_completes(deployment: Deployment) -> None:
+    """The center restarts mid-run: registrations and runs survive in the database, the
+    hospitals reconnect by themselves, and the interrupted run resumes from its checkpoint."""
+    if "hospital_c" in deployment.clients:  # run alone: take the same starting point
+        deployment.crash_client("hospital_c")
+    runs_before = deployment.flwr("ls", CONNECTION, "--format", "json").stdout
+    run = deployment.submit("t5", **{"min-nodes": 2})
+    _wait_for(lambda: deployment.checkpoint_round("t5") >= 1 or run.poll() is not None, RUN_TIMEOUT,
+              "round 1 of run t5", interval=2)
+    deployment.stop_server()
+    try:
+        run.wait(timeout=120)  # the submitter's `flwr run` notices
+    finally:
+        _stop_tree(run)
+    assert not (deployment.results / "t5" / "metrics.json").exists()
+
+    deployment.start_server()
+    _wait_for(lambda: deployment.online() == 2, 120, "hospitals a and b to reconnect", interval=3)
+    assert len(deployment.nodes()) == 3  # registrations survived, nobody re-registered
+    runs_after = json.loads(deployment.flwr("ls", CONNECTION, "--format", "json").stdout)["runs"]
+    before_ids = {r["run-id"] for r in json.loads(runs_before)["runs"]}
+    assert before_ids <= {r["run-id"] for r in runs_after}
+
+    resumed = deployment.submit("t5", **{"min-nodes": 2, "resume": True})
+    log = deployment.wait_run(resumed, "t5")
+    assert resumed.returncode == 0, log[-3000:]
+    report = deployment.report("t5")
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert set(report["sites"]) == {"hospital_a", "hospital_b"}
