@@ -48,8 +48,3 @@ def config_strings(config: ConfigRecord | Mapping[str, object], key: str) -> lis
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"message config entry {key!r} must be a list of strings")
     return [str(v) for v in value]
-
-
-def bytes_of(record: ArrayRecord) -> int:
-    """Payload size of the arrays in a record."""
-    return int(sum(len(a.data) for a in record.values()))

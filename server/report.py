@@ -22,7 +22,7 @@ from fedspatial.shared.plots import plot_loss
 logger = logging.getLogger(__name__)
 
 
-def _contingency(raw: Mapping[str, Any]) -> Contingency:
+def contingency_from_json(raw: Mapping[str, Any]) -> Contingency:
     return Contingency(
         labels=list(raw["labels"]),
         domains=[int(d) for d in raw["domains"]],
@@ -42,7 +42,7 @@ def summarize_sites(site_reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]
     for rep in site_reports:
         sections.update(rep["sections"])
         for site, raw in rep.get("contingency", {}).items():
-            tables.setdefault(site, []).append(_contingency(raw))
+            tables.setdefault(site, []).append(contingency_from_json(raw))
     sites: dict[str, Any] = {}
     for key, sec in sections.items():
         site = sites.setdefault(sec["site"], {"sections": [], "n_cells": 0})

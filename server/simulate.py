@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspatial.client.data_source import read_manifest
-from fedspatial.server.report import summarize_sites, write_comparison
+from fedspatial.server.report import contingency_from_json, summarize_sites, write_comparison
 from fedspatial.server.run_store import RunExistsError
 from fedspatial.shared.atomic import write_json_atomic, write_text_atomic
 from fedspatial.shared.config import ExperimentConfig
@@ -133,7 +133,7 @@ def _mode_result(reports: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     summary = summarize_sites(site_reports)
     tables = [
-        _table(t) for r in reports for t in r.get("contingency_tables", [])
+        contingency_from_json(t) for r in reports for t in r.get("contingency_tables", [])
     ]
     merged = merge_contingency(tables) if tables else None
     rounds = [x for r in reports for x in r["rounds"]]
@@ -149,14 +149,6 @@ def _mode_result(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "seconds_per_round": float(sum(seconds) / len(seconds)) if seconds else float("nan"),
         "bytes_per_round": float(sum(sent) / max(len({x["round"] for x in rounds}), 1)),
     }
-
-
-def _table(raw: dict[str, Any]):
-    import numpy as np
-
-    from fedspatial.shared.metrics import Contingency
-
-    return Contingency(list(raw["labels"]), [int(d) for d in raw["domains"]], np.asarray(raw["counts"], dtype=np.int64))
 
 
 def simulate(cfg: ExperimentConfig, *, modes: list[str] | None = None, resume: bool = False) -> dict[str, dict[str, Any]]:
