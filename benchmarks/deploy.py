@@ -176,7 +176,8 @@ def main() -> int:
         sim = run_simulated(work / ds / "sim", manifest, f"{ds}-sim")
         log.info("%s: deployment", ds)
         dep = run_deployed(work / ds / "deploy", manifest, f"{ds}-deploy")
-        rows.append({"dataset": ds, "spots": spots, "simulation": sim, "deployment": dep})
+        rows.append({"dataset": ds, "spots": spots, "simulation": sim, "deployment": dep,
+                     "load_avg_15min_after": round(os.getloadavg()[2], 2)})
         log.info("%s: simulation %.0f s, deployment %.0f s", ds, sim["wall_s"], dep["wall_s"])
     imports = [import_seconds() for _ in range(3)]
     meta = {"cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
@@ -212,8 +213,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{dep['wall_s'] / sim['wall_s']:.1f}x | {dep['startup_s']:.0f} | {dep['messages_per_site']} | "
             f"{dep['serverapp_s'] / dep['messages_per_site']:.1f} | {sim['joint_ari']:.3f} / {dep['joint_ari']:.3f} |"
         )
+    loads = ", ".join(f"{r['dataset']}: {r['load_avg_15min_after']}" for r in rows)
     lines += [
         "",
+        f"- 15-minute load average after each pair of runs ({loads}); above {meta['cpus']} means "
+        "other work shared the machine and inflated both columns.",
         "- *wall s*: from submitting the run to its end, as the submitter sees it (simulation: "
         "including Ray's start). *federation start*: SuperLink up, 3 keys registered, 3 SuperNodes "
         "online (once per deployment, not per run). *s per message*: the ServerApp's wall time "

@@ -48,6 +48,7 @@ API (``flwr run``, ``flwr supernode register``) and its Runtime API on the same 
 DEFAULT_CLIENT_RUNTIME_PORT = 9094
 """A SuperNode's local Runtime API port (127.0.0.1 only; ClientApp processes use it)."""
 CERT_WARN_DAYS = 30
+
 # Flower exit codes (flwr.supercore.exit.ExitCode) -> what a hospital or the center can do.
 # A code may be refined by a marker in Flower's log: 305 covers every failed first contact.
 _SUPERNODE_EXIT_HELP: dict[tuple[int, str], str] = {
@@ -66,9 +67,6 @@ _SUPERNODE_EXIT_HELP: dict[tuple[int, str], str] = {
     "address, that the SuperLink runs, and that this machine may connect out to it",
     (606, ""): "this hospital's Flower version differs from the center's: install the same "
     "fedspatial release (same flwr version) as the coordinating center",
-    (608, ""): "installing the app's dependencies failed: install fedspatial into this "
-    "environment instead (pip install fedspatial) and do not pass "
-    "--allow-runtime-dependency-installation",
 }
 _SUPERLINK_EXIT_HELP: dict[tuple[int, str], str] = {
     (104, ""): "flower-superlink rejected its arguments (see the log above)",
@@ -297,8 +295,8 @@ def check_superlink(address: str, ca_cert: str | Path, *, timeout: float = 10.0)
 
     ctx = ssl.create_default_context(cafile=str(Path(ca_cert).expanduser()))
     try:
-        with sock, ctx.wrap_socket(sock, server_hostname=host) as tls:
-            tls.settimeout(timeout)
+        with sock, ctx.wrap_socket(sock, server_hostname=host):  # handshake, bounded by timeout
+            pass
     except ssl.SSLCertVerificationError as err:
         raise DeployError(_verify_failure(err, host, port, Path(ca_cert), timeout)) from None
     except TimeoutError:
@@ -435,8 +433,7 @@ def check_site_data(data_path: str | Path, *, spatial_key: str = "spatial", labe
     if problems:
         listed = "\n  - ".join(problems)
         raise DeployError(f"{len(problems)} problem(s) in {path} (`fedspatial inspect {path}`):\n  - {listed}")
-    assert summary is not None
-    return summary.format()
+    return summary.format() if summary is not None else ""
 
 
 def _check_writable_dir(path: Path, what: str) -> None:

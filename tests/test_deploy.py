@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import ipaddress
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -219,6 +222,23 @@ class Deployment:
         path.write_text(tomli_w.dumps(cfg))
         return path
 
+    def experiment(self, name: str, *, min_nodes: int) -> Path:
+        """The YAML experiment config of ``RUN_CONFIG`` (for ``fedspatial submit``)."""
+        path = self.root / f"{name}.yaml"
+        path.write_text(
+            f"run-name: {name}\nresults-dir: {self.results}\n"
+            f"features: {{n-top-features: {RUN_CONFIG['n-top-features']}}}\n"
+            f"model: {{hidden-dim: {RUN_CONFIG['hidden-dim']}, latent-dim: {RUN_CONFIG['latent-dim']}}}\n"
+            f"training: {{num-rounds: {RUN_CONFIG['num-rounds']}, local-epochs: {RUN_CONFIG['local-epochs']}, "
+            f"batch-size: {RUN_CONFIG['batch-size']}, min-nodes: {min_nodes}}}\n"
+            f"clustering: {{kmeans-max-iter: {RUN_CONFIG['kmeans-max-iter']}}}\n"
+        )
+        return path
+
+    def fedspatial_submit(self, name: str, *, min_nodes: int) -> list[str]:
+        return [str(BIN / "fedspatial"), "submit", str(self.experiment(name, min_nodes=min_nodes)),
+                "--connection", CONNECTION, "--app", str(ROOT)]
+
     def submit(self, name: str, **extra) -> subprocess.Popen:
         """``flwr run . <connection> --stream`` in the background."""
         return self.spawn(
@@ -288,13 +308,24 @@ def deployment(material: Deployment) -> Iterator[Deployment]:
     finally:
         for proc in reversed(dep.procs):
             _stop_tree(proc)
-        leftovers = _marked_processes()
+        # Helpers started after a tree was listed exit once their parent is gone.
+        deadline = time.monotonic() + 15
+        while (leftovers := _marked_processes()) and time.monotonic() < deadline:
+            time.sleep(1)
         for proc in leftovers:
-            proc.kill()
-        assert not leftovers, f"processes left running: {[p.cmdline() for p in leftovers]}"
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        assert not leftovers, f"processes left running: {[p.pid for p in leftovers]}"
 
 
 # ----------------------------------------------------------------------------- checks without processes
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def _cert(path: Path, key_path: Path, issuer_key, *, days: tuple[int, int], names: list[str],
@@ -310,7 +341,7 @@ def _cert(path: Path, key_path: Path, issuer_key, *, days: tuple[int, int], name
         .serial_number(x509.random_serial_number())
         .not_valid_before(now + dt.timedelta(days=days[0]))
         .not_valid_after(now + dt.timedelta(days=days[1]))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
         .sign(issuer_key or key, hashes.SHA256())
     )
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -334,6 +365,46 @@ def test_server_certificate_checks(material: Deployment, tmp_path: Path) -> None
         deploy_cli.check_server_certificates(expired, tmp_path / "expired.key", certs / "ca.crt", "0.0.0.0")
     with pytest.raises(DeployError, match=r"reaches itself at 10\.1\.2\.3"):
         deploy_cli.check_server_certificates(certs / "server.crt", certs / "server.key", certs / "ca.crt", "10.1.2.3")
+
+
+@contextlib.contextmanager
+def _tls_server(cert: Path, key: Path) -> Iterator[int]:
+    """A TLS server on 127.0.0.1 presenting ``cert`` (handshake only)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # closed
+                return
+            with contextlib.suppress(ssl.SSLError, OSError), ctx.wrap_socket(conn, server_side=True):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def test_superlink_certificate_problems_are_named(material: Deployment, tmp_path: Path) -> None:
+    """Certificates from the right CA, but for another name or expired."""
+    ca_key = serialization.load_pem_private_key((material.certs / "ca.key").read_bytes(), None)
+    ca_name = x509.load_pem_x509_certificate((material.certs / "ca.crt").read_bytes()).subject
+    ca = material.certs / "ca.crt"
+    _cert(tmp_path / "other.crt", tmp_path / "other.key", ca_key, days=(-1, 30), names=["other.example"], issuer=ca_name)
+    with _tls_server(tmp_path / "other.crt", tmp_path / "other.key") as port, \
+            pytest.raises(DeployError, match=r"valid for other\.example, not for '127\.0\.0\.1'"):
+        deploy_cli.check_superlink(f"127.0.0.1:{port}", ca, timeout=5)
+    _cert(tmp_path / "old.crt", tmp_path / "old.key", ca_key, days=(-30, -1), names=["127.0.0.1"], issuer=ca_name)
+    with _tls_server(tmp_path / "old.crt", tmp_path / "old.key") as port, \
+            pytest.raises(DeployError, match=r"certificate expired on .* the center must renew it"):
+        deploy_cli.check_superlink(f"127.0.0.1:{port}", ca, timeout=5)
 
 
 def test_keys_and_addresses(material: Deployment, tmp_path: Path) -> None:
@@ -476,20 +547,11 @@ def test_unregistered_supernode_is_refused(deployment: Deployment) -> None:
     assert len(deployment.nodes()) == 3 and deployment.online() == 3
 
 
+@pytest.mark.timeout(900)  # real runs: minutes each on 2 cores
 def test_two_round_run_completes(deployment: Deployment) -> None:
     """`fedspatial submit CONFIG`: results at the center, annotated sections at the sites."""
-    config = deployment.root / "t1.yaml"
-    config.write_text(
-        f"run-name: t1\nresults-dir: {deployment.results}\n"
-        "features: {n-top-features: 60}\nmodel: {hidden-dim: 32, latent-dim: 8}\n"
-        "training: {num-rounds: 2, local-epochs: 1, batch-size: 64, min-nodes: 3}\n"
-        "clustering: {kmeans-max-iter: 2}\n"
-    )
     start = time.monotonic()
-    res = deployment.run(
-        [str(BIN / "fedspatial"), "submit", str(config), "--connection", CONNECTION, "--app", str(ROOT)],
-        timeout=RUN_TIMEOUT,
-    )
+    res = deployment.run(deployment.fedspatial_submit("t1", min_nodes=3), timeout=RUN_TIMEOUT)
     wall = time.monotonic() - start
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "run finished" in res.stderr
@@ -510,6 +572,7 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
     (deployment.root / "t1-wall.txt").write_text(f"{wall:.1f}\n")
 
 
+@pytest.mark.timeout(1200)  # real runs: minutes each on 2 cores
 def test_run_completes_after_losing_a_site(deployment: Deployment) -> None:
     """A hospital machine dies in round 2: the run drops it and finishes with two."""
     run = deployment.submit("t4", **{"min-nodes": 2})
@@ -527,20 +590,24 @@ def test_run_completes_after_losing_a_site(deployment: Deployment) -> None:
     assert "dropped out of the run" in log
 
 
+@pytest.mark.timeout(1500)  # real runs: minutes each on 2 cores
 def test_superlink_restart_keeps_state_and_a_new_run_completes(deployment: Deployment) -> None:
     """The center restarts mid-run: registrations and runs survive in the database, the
     hospitals reconnect by themselves, and the interrupted run resumes from its checkpoint."""
     if "hospital_c" in deployment.clients:  # run alone: take the same starting point
         deployment.crash_client("hospital_c")
     runs_before = deployment.flwr("ls", CONNECTION, "--format", "json").stdout
-    run = deployment.submit("t5", **{"min-nodes": 2})
+    run = deployment.spawn(deployment.fedspatial_submit("t5", min_nodes=2), "submit-t5.log")
     _wait_for(lambda: deployment.checkpoint_round("t5") >= 1 or run.poll() is not None, RUN_TIMEOUT,
               "round 1 of run t5", interval=2)
     deployment.stop_server()
     try:
-        run.wait(timeout=120)  # the submitter's `flwr run` notices
+        run.wait(timeout=120)  # the submitter notices, and is told how to go on
     finally:
         _stop_tree(run)
+    assert run.returncode != 0
+    told = deployment.log("submit-t5.log")
+    assert "Connection to the SuperLink is unavailable" in told and "--set resume=true" in told, told[-2000:]
     assert not (deployment.results / "t5" / "metrics.json").exists()
 
     deployment.start_server()
