@@ -216,8 +216,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     loads = ", ".join(f"{r['dataset']}: {r['load_avg_15min_after']}" for r in rows)
     lines += [
         "",
-        f"- 15-minute load average after each pair of runs ({loads}); above {meta['cpus']} means "
-        "other work shared the machine and inflated both columns.",
+        f"- 15-minute load average after each pair of runs: {loads}. The deployed run itself keeps "
+        f"it above {meta['cpus']}: at every message, three ClientApp processes start at once on "
+        f"{meta['cpus']} cores.",
         "- *wall s*: from submitting the run to its end, as the submitter sees it (simulation: "
         "including Ray's start). *federation start*: SuperLink up, 3 keys registered, 3 SuperNodes "
         "online (once per deployment, not per run). *s per message*: the ServerApp's wall time "

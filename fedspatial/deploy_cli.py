@@ -805,7 +805,16 @@ def run_submit(
             cmd.append(connection)
         cmd += ["--run-config", str(run_config_file), "--stream"]
         logger.info("submitting run '%s' (%d rounds) from %s", cfg.run_name, cfg.training.num_rounds, config)
-        code = subprocess.run(cmd, env=flower_env(env), check=False).returncode
+        try:
+            code = subprocess.run(cmd, env=flower_env(env), check=False).returncode
+        except KeyboardInterrupt:
+            where = connection or "<connection>"
+            logger.warning(
+                "stopped following run '%s'; the run goes on at the center: `flwr ls %s` lists "
+                "runs, `flwr log RUN_ID %s` follows one again, `flwr stop RUN_ID %s` stops it",
+                cfg.run_name, where, where, where,
+            )
+            return 130
     target = Path(cfg.results_dir) / cfg.run_name
     if code != 0:
         logger.error(
