@@ -20,9 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedspatial simulate configs/demo.yaml --run-name demo-$$(date +%Y%m%d-%H%M%S)
 
+# Everything but the `slow` tests; this includes the deployment suite's real-process tests
+# except its two longest (a site lost mid-run, the SuperLink restarted mid-run).
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The whole deployment suite (tests/test_deploy.py: real SuperLink and SuperNodes on 127.0.0.1),
+# its two `slow` tests included.
 test-deploy: $(STAMP)
 	$(PY) -m pytest -q -m deploy -o addopts=""
 

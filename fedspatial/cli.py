@@ -9,7 +9,8 @@ Deployment (see deploy/README.md):
 ``fedspatial server``             the coordinating center's SuperLink (TLS, node auth, database)
 ``fedspatial client``             a hospital's SuperNode (outbound connection only)
 ``fedspatial keygen NAME``        a hospital's authentication key pair
-``fedspatial submit CONFIG``      submit an experiment config to the SuperLink and stream its log
+``fedspatial submit CONFIG``      submit an experiment config, stream its log, save its report
+``fedspatial results RUN_ID``     follow a submitted run again and save its report
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             spatial_key=args.spatial_key,
             label_key=args.label_key,
+            clientapp_runner=args.clientapp_runner,
         )
     )
 
@@ -162,7 +164,14 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         superlink=args.superlink,
         ca_cert=args.ca_cert,
         app_dir=args.app,
+        out=args.out,
     )
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from fedspatial.deploy_cli import run_results
+
+    return run_results(args.run_id, connection=args.connection, out=args.out)
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
@@ -209,6 +218,10 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
                      help="seconds to wait for the SuperLink in the pre-flight check (default: 10)")
     cli.add_argument("--spatial-key", default="spatial")
     cli.add_argument("--label-key", default="domain")
+    cli.add_argument("--clientapp-runner", choices=("warm", "flower"), default="warm",
+                     help="warm (default): run each message's ClientApp in a process forked from one "
+                     "that has imported it already (seconds faster per message); flower: Flower's own "
+                     "executor starts a fresh flwr-clientapp process per message")
     cli.set_defaults(func=_cmd_client)
 
     key = sub.add_parser("keygen", help="hospital: make the SuperNode authentication key pair",
@@ -221,15 +234,27 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
     sbm = sub.add_parser("submit", help="submit an experiment config to the SuperLink and stream the run",
                          description="Validate a YAML experiment config, submit it with `flwr run "
-                         "--stream` and stream the run's log until it ends.")
+                         "--stream`, stream the run's log until it ends, and save the run report "
+                         "(metrics.json, config.json) that the coordinating center sends back.")
     sbm.add_argument("config", help="experiment config (YAML)")
     sbm.add_argument("--connection", help="connection name in ~/.flwr/config.toml (default: its default)")
     sbm.add_argument("--superlink", metavar="HOST:PORT", help="connect here instead of a named connection")
     sbm.add_argument("--ca-cert", type=Path, help="the federation's ca.crt (with --superlink)")
     sbm.add_argument("--app", type=Path, help="the fedspatial Flower App folder (default: this checkout)")
+    sbm.add_argument("--out", type=Path,
+                     help="where to save the run report (default: <results-dir>/<run-name> in the current folder)")
     sbm.add_argument("--run-name")
     sbm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     sbm.set_defaults(func=_cmd_submit)
+
+    res = sub.add_parser("results", help="follow a submitted run again and save its report",
+                         description="Follow a run's log until it ends (`flwr log RUN_ID --stream`; at "
+                         "once for a finished run) and save the run report it carries, as "
+                         "`fedspatial submit` does. Run ids: `flwr ls CONNECTION`.")
+    res.add_argument("run_id", type=int, help="the run id (`flwr ls CONNECTION`)")
+    res.add_argument("--connection", help="connection name in ~/.flwr/config.toml (default: its default)")
+    res.add_argument("--out", type=Path, help="where to save the report (default: results/<run-name>)")
+    res.set_defaults(func=_cmd_results)
 
 
 def build_parser() -> argparse.ArgumentParser:

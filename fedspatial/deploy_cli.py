@@ -16,6 +16,7 @@ exit codes into the same kind of message.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import logging
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -555,6 +557,12 @@ class ClientOptions:
     connect_timeout: float = 10.0
     spatial_key: str = "spatial"
     label_key: str = "domain"
+    clientapp_runner: str = "warm"
+    """``warm``: :mod:`fedspatial.clientapp_executor` runs the ClientApps from a preloaded
+    fork server; ``flower``: Flower's own SuperExec starts ``flwr-clientapp`` per message."""
+
+
+CLIENTAPP_RUNNERS = ("warm", "flower")
 
 
 def supernode_command(opts: ClientOptions) -> list[str]:
@@ -587,6 +595,8 @@ def supernode_command(opts: ClientOptions) -> list[str]:
             f"local port {opts.runtime_port} (this SuperNode's Runtime API, 127.0.0.1 only) is in use: "
             "another SuperNode runs on this machine; give each one its own --runtime-port"
         )
+    if opts.clientapp_runner not in CLIENTAPP_RUNNERS:
+        raise DeployError(f"--clientapp-runner must be one of {', '.join(CLIENTAPP_RUNNERS)}, not {opts.clientapp_runner!r}")
     check_superlink(_format_address(host, port), ca, timeout=opts.connect_timeout)
     return [
         _flower_binary("flower-supernode"),
@@ -594,7 +604,22 @@ def supernode_command(opts: ClientOptions) -> list[str]:
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key),
         "--node-config", " ".join(node_config),
+        # The Runtime API is for this machine's ClientApp processes only.
+        "--host", "127.0.0.1",
         "--port", str(opts.runtime_port),
+        # warm: our executor, not Flower's SuperExec, starts the ClientApps.
+        "--isolation", "process" if opts.clientapp_runner == "warm" else "subprocess",
+    ]
+
+
+def executor_command(opts: ClientOptions) -> list[str]:
+    """The warm ClientApp executor next to ``flower-supernode --isolation process``."""
+    from fedspatial.clientapp_executor import LAUNCH_COMMAND
+
+    return [
+        sys.executable, "-c", LAUNCH_COMMAND,
+        "--runtime-api-address", f"127.0.0.1:{opts.runtime_port}",
+        "--parent-pid", str(os.getpid()),
     ]
 
 
@@ -605,6 +630,10 @@ def flower_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    # Flower's SuperExec (the center's ServerApp launcher; a hospital's with
+    # --clientapp-runner flower) looks for new tasks every second by default: a second
+    # of delay per message, for a local HTTP request that costs nothing.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     return env
 
 
@@ -613,10 +642,12 @@ _FLOWER_EXIT_RE = re.compile(r"Exit Code: (\d+)")
 
 def run_child(cmd: Sequence[str], *, explain: Mapping[tuple[int, str], str], what: str,
               env: Mapping[str, str] | None = None, cwd: Path | None = None,
-              ended_by_itself: str = "") -> int:
+              ended_by_itself: str = "", helpers: Mapping[str, Sequence[str]] | None = None) -> int:
     """Run ``cmd`` with its output passed through, forwarding SIGINT/SIGTERM to it.
 
-    ``ended_by_itself`` is logged when the child exits with 0 unasked.
+    ``ended_by_itself`` is logged when the child exits with 0 unasked. ``helpers`` (name ->
+    command) run next to the child and share its fate: they are stopped when it ends, and
+    the child is stopped when one of them ends unasked.
 
     Flower processes exit with 1 on any error and name the real reason in a log line
     ``Exit Code: N``; a known ``N`` is explained from ``explain`` (see :func:`explain_exit`).
@@ -624,18 +655,23 @@ def run_child(cmd: Sequence[str], *, explain: Mapping[tuple[int, str], str], wha
     Returns
     -------
     int
-        The child's exit code (0 when it was stopped by a forwarded signal).
+        The child's exit code (0 when it was stopped by a forwarded signal; 1 when a
+        helper ended unasked).
     """
     logger.debug("running: %s", " ".join(cmd))
-    proc = subprocess.Popen(list(cmd), env=flower_env(env), cwd=cwd, stdout=subprocess.PIPE,
+    full_env = flower_env(env)
+    proc = subprocess.Popen(list(cmd), env=full_env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
+    side: dict[str, subprocess.Popen[Any]] = {}
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        if proc.poll() is None:
-            proc.send_signal(signum)
+        running: list[subprocess.Popen[Any]] = [proc, *side.values()]
+        for p in running:
+            if p.poll() is None:
+                p.send_signal(signum)
 
     flower_codes: list[int] = []
     recent: deque[str] = deque(maxlen=50)
@@ -654,13 +690,27 @@ def run_child(cmd: Sequence[str], *, explain: Mapping[tuple[int, str], str], wha
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    helper_failed = ""
     try:
-        code = proc.wait()
+        for name, helper_cmd in (helpers or {}).items():
+            logger.debug("running %s: %s", name, " ".join(helper_cmd))
+            side[name] = subprocess.Popen(list(helper_cmd), env=full_env, cwd=cwd)
+        while (code := proc.poll()) is None:
+            for name, helper in side.items():
+                if not stopping and not helper_failed and helper.poll() is not None:
+                    helper_failed = f"{name} ended unasked (exit code {helper.returncode}, see the log above)"
+                    logger.error("%s: stopping %s too", helper_failed, what)
+                    proc.terminate()
+            time.sleep(0.2)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _stop_processes(list(side.values()))
     reader.join(timeout=15)
     flower_code = flower_codes[-1] if flower_codes else None
+    if helper_failed:
+        logger.error("%s stopped because %s; start it again (a service manager restarts it)", what, helper_failed)
+        return 1
     if stopping:
         logger.info("%s stopped", what)
         return 0
@@ -673,6 +723,20 @@ def run_child(cmd: Sequence[str], *, explain: Mapping[tuple[int, str], str], wha
         )
         logger.error("%s stopped (Flower exit code %s): %s", what, reason, hint)
     return code
+
+
+def _stop_processes(procs: Sequence[subprocess.Popen[Any]], grace: float = 15.0) -> None:
+    """SIGTERM to each process still running, SIGKILL after ``grace`` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
 
 
 def run_server(opts: ServerOptions) -> int:
@@ -696,14 +760,79 @@ def run_client(opts: ClientOptions) -> int:
         for k, v in _SUPERNODE_EXIT_HELP.items()
     }
     logger.info("connecting to the SuperLink at %s (outbound only)", opts.superlink)
+    helpers = {"the ClientApp executor": executor_command(opts)} if opts.clientapp_runner == "warm" else {}
     return run_child(
         cmd, explain=explain, what="flower-supernode",
         ended_by_itself="the coordinating center has probably removed this hospital "
         "(`flwr supernode unregister`); ask the center before starting it again",
+        helpers=helpers,
     )
 
 
 # ----------------------------------------------------------------------------- submit
+
+
+RESULT_MARKER = "FEDSPATIAL-RESULTS v1 "
+"""Starts the one log line in which the ServerApp returns the run's report files."""
+MAX_RESULT_BYTES = 8 * 2**20
+
+
+def result_line(run_name: str, center_folder: str, files: Mapping[str, str]) -> str:
+    """The marked log line carrying ``files`` (name -> text) back to the submitter.
+
+    Raises
+    ------
+    DeployError
+        When the files are too large for one log line (they stay at the center).
+    """
+    bundle = {
+        "run-name": run_name,
+        "center-folder": center_folder,
+        "files": dict(files),
+        "sha256": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in files.items()},
+    }
+    line = RESULT_MARKER + json.dumps(bundle, separators=(",", ":"))
+    if len(line) > MAX_RESULT_BYTES:
+        raise DeployError(
+            f"the run report ({len(line) // 2**20} MiB) is too large to send back in the run's log; "
+            f"copy it from the coordinating center: {center_folder}/"
+        )
+    return line
+
+
+def parse_result_line(line: str) -> dict[str, Any] | None:
+    """The bundle of a result line (None for any other line).
+
+    Raises
+    ------
+    DeployError
+        When the line is marked but damaged (cut off, or a file that fails its checksum).
+    """
+    start = line.find(RESULT_MARKER)
+    if start < 0:
+        return None
+    try:
+        bundle = json.loads(line[start + len(RESULT_MARKER):])
+        files, sums = bundle["files"], bundle["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise DeployError("the run report line in the run's log is damaged (cut off?)") from None
+    for name, text in files.items():
+        if hashlib.sha256(text.encode()).hexdigest() != sums.get(name):
+            raise DeployError(f"the run report's {name} failed its checksum on the way back")
+    return dict(bundle)
+
+
+def save_results(bundle: Mapping[str, Any], folder: Path) -> list[Path]:
+    """Write the bundle's files into ``folder`` (atomically, names checked)."""
+    from fedspatial.shared.atomic import write_text_atomic
+
+    saved = []
+    for name, text in bundle["files"].items():
+        if Path(name).name != name or name.startswith("."):  # never write outside the folder
+            raise DeployError(f"the run report names an unexpected file {name!r}; nothing saved")
+        saved.append(write_text_atomic(folder / name, text))
+    return saved
+
 
 
 def project_root() -> Path | None:
@@ -780,9 +909,12 @@ def run_submit(
     superlink: str | None,
     ca_cert: Path | None,
     app_dir: Path | None,
+    out: Path | None = None,
 ) -> int:
     """``fedspatial submit``: validate the experiment config, submit it with ``flwr run
-    --stream`` and stream the run's log until the run ends."""
+    --stream``, stream the run's log until the run ends and save the run report that the
+    ServerApp sends back at the end (into ``out``, default ``<results-dir>/<run-name>``
+    under the current folder, as ``fedspatial simulate`` would)."""
     from fedspatial.shared.config import load_config
 
     cfg = load_config(config, overrides)
@@ -790,7 +922,9 @@ def run_submit(
     if not (app / "pyproject.toml").is_file():
         raise DeployError(f"{app} is not the fedspatial Flower App (no pyproject.toml): pass --app PATH_TO_CHECKOUT")
     run_config = submit_run_config(cfg.to_run_config(), app_run_config_keys(app))
+    local = (out or Path(cfg.results_dir) / cfg.run_name).expanduser()
     env = dict(os.environ)
+    bundle: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="fedspatial-submit-") as tmp:
         if superlink is not None:
             if ca_cert is None:
@@ -805,13 +939,14 @@ def run_submit(
             cmd.append(connection)
         cmd += ["--run-config", str(run_config_file), "--stream"]
         logger.info("submitting run '%s' (%d rounds) from %s", cfg.run_name, cfg.training.num_rounds, config)
+        where = connection or "<connection>"
         try:
-            code = subprocess.run(cmd, env=flower_env(env), check=False).returncode
+            code, bundle = _follow_run(cmd, flower_env(env))
         except KeyboardInterrupt:
-            where = connection or "<connection>"
             logger.warning(
                 "stopped following run '%s'; the run goes on at the center: `flwr ls %s` lists "
-                "runs, `flwr log RUN_ID %s` follows one again, `flwr stop RUN_ID %s` stops it",
+                "runs, `fedspatial results RUN_ID --connection %s` follows one again and saves its "
+                "report, `flwr stop RUN_ID %s` stops it",
                 cfg.run_name, where, where, where,
             )
             return 130
@@ -822,8 +957,67 @@ def run_submit(
             "center in %s/checkpoint/; resubmit with `--set resume=true` to continue it", code, target,
         )
         return code
+    if bundle is None:
+        logger.warning(
+            "the run ended but its report did not come back (the ServerApp stopped before the end, "
+            "or the center runs another fedspatial version); results at the coordinating center: %s/", target,
+        )
+        return 0
+    saved = save_results(bundle, local)
     logger.info(
-        "run finished. Results at the coordinating center: %s/ (metrics.json, model/, checkpoint/); "
-        "annotated sections stay at each hospital (its output-path)", target,
+        "run finished. Report saved to %s (%s); at the coordinating center: %s/ (also model/, "
+        "checkpoint/); annotated sections stay at each hospital (its output-path)",
+        local, ", ".join(p.name for p in saved), bundle.get("center-folder", target),
     )
     return 0
+
+
+def run_results(run_id: int, *, connection: str | None, out: Path | None) -> int:
+    """``fedspatial results RUN_ID``: follow a run's log to its end (``flwr log --stream``;
+    at once for a finished run) and save the run report it carries."""
+    cmd = [_flower_binary("flwr"), "log", str(run_id)]
+    if connection:
+        cmd.append(connection)
+    cmd.append("--stream")
+    try:
+        code, bundle = _follow_run(cmd, flower_env())
+    except KeyboardInterrupt:
+        return 130
+    if code != 0:
+        logger.error("`flwr log` exited with code %d: see the log above (run id, connection?)", code)
+        return code
+    if bundle is None:
+        raise DeployError(
+            f"run {run_id}'s log holds no run report: the run failed or was stopped before its end "
+            "(see the log above), or it was run by another fedspatial version"
+        )
+    local = (out or Path("results") / str(bundle["run-name"])).expanduser()
+    saved = save_results(bundle, local)
+    logger.info("report of run '%s' saved to %s (%s); at the coordinating center: %s/", bundle["run-name"],
+                local, ", ".join(p.name for p in saved), bundle.get("center-folder"))
+    return 0
+
+
+def _follow_run(cmd: Sequence[str], env: Mapping[str, str]) -> tuple[int, dict[str, Any] | None]:
+    """Run ``flwr run --stream``, pass its output through, and pick up the result line."""
+    bundle: dict[str, Any] | None = None
+    proc = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE, text=True, errors="replace")
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            try:
+                found = parse_result_line(line)
+            except DeployError as err:
+                logger.warning("%s; the report stays at the coordinating center", err)
+                continue
+            if found is None:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                bundle = found
+                sys.stdout.write(f"[run report received: {', '.join(found['files'])}]\n")
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=15)
+        raise
+    return proc.wait(), bundle

@@ -1,9 +1,18 @@
-"""fedspatial ServerApp: a thin adapter from Flower's Grid to the run orchestration."""
+"""fedspatial ServerApp: a thin adapter from Flower's Grid to the run orchestration.
+
+In a deployment the ServerApp runs at the coordinating center, and Flower 1.42 returns
+no files to whoever submitted the run; it does stream what the ServerApp process writes
+to its output (``flwr run --stream``, ``flwr log``). So at the end of a run the ServerApp
+logs a summary and then one marked line holding the run's report files
+(:func:`fedspatial.deploy_cli.result_line`), which ``fedspatial submit`` saves locally.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch  # noqa: F401  # loaded before any ArrayRecord <-> torch conversion
@@ -15,21 +24,90 @@ from fedspatial.shared.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
+RESULT_FILES = ("metrics.json", "config.json")
+"""The run folder's files sent back to the submitter (the model stays at the center)."""
 
-def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+
+def log_to_run_stream() -> None:
+    """Show fedspatial's INFO lines in the run's log, once each.
+
+    Nothing configures logging for fedspatial in Flower's ServerApp process, so its INFO
+    records would be dropped; Flower streams what the process writes to stderr. Where
+    logging is set up for INFO already (``fedspatial simulate``), this changes nothing.
+    A root handler that some library installed on import (opacus calls
+    ``logging.basicConfig``) would repeat every Flower and fedspatial line: neither
+    propagates to it.
+    """
+    package = logging.getLogger("fedspatial")
+    root = logging.getLogger()
+    if package.handlers or (root.handlers and package.getEffectiveLevel() <= logging.INFO):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines
+
+
+def run_summary(cfg: ExperimentConfig, report: Mapping[str, Any], folder: Path) -> str:
+    """The few lines a submitter wants to see at the end of a run."""
+    rounds = report.get("rounds", [])
+    last = rounds[-1] if rounds else {}
+    joint = report.get("joint", {})
+    lines = [
+        f"run '{cfg.run_name}' finished: {len(rounds)} round(s), {len(report.get('sites', {}))} site(s), "
+        f"{float(report.get('wall-seconds', float('nan'))):.0f} s",
+        f"  joint ARI {joint.get('ari', float('nan')):.3f}, NMI {joint.get('nmi', float('nan')):.3f}; "
+        f"mean section ARI {report.get('mean_section_ari', float('nan')):.3f}",
+    ]
+    if last:
+        lines.append(f"  last round: train loss {last.get('train-loss', float('nan')):.4f}, "
+                     f"eval loss {last.get('eval-loss', float('nan')):.4f}")
+    for site, info in sorted(report.get("sites", {}).items()):
+        lines.append(f"  {site}: {info.get('n_cells', 0)} cells, ARI {info.get('ari', float('nan')):.3f}")
+    for site, why in report.get("dropped-sites", {}).items():
+        lines.append(f"  dropped: {site} ({why})")
+    lines.append(f"  results at the coordinating center: {folder.resolve()}/; annotated sections at each site")
+    return "\n".join(lines)
+
+
+def announce_results(cfg: ExperimentConfig, report: Mapping[str, Any]) -> None:
+    """Log the summary, then write the marked result line to stdout (the run's log)."""
+    from fedspatial.deploy_cli import DeployError, result_line
+
+    folder = Path(cfg.results_dir) / cfg.run_name
+    logger.info("%s", run_summary(cfg, report, folder))
+    files = {name: (folder / name).read_text() for name in RESULT_FILES if (folder / name).is_file()}
+    try:
+        line = result_line(cfg.run_name, str(folder.resolve()), files)
+    except DeployError as err:
+        logger.warning("%s", err)
+        return
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None, *, stream_results: bool | None = None) -> ServerApp:
     """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``.
 
     ``flwr run`` uses :data:`app` (no overrides: the run config comes from
     ``pyproject.toml`` and ``--run-config``); ``fedspatial simulate`` passes the
     experiment's config, since Flower's in-process simulation carries no run config.
+    ``stream_results`` (default: when there are no overrides) ends the run with the
+    summary and the result line for ``fedspatial submit``.
     """
     server_app = ServerApp()
+    announce = overrides is None if stream_results is None else stream_results
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        log_to_run_stream()
         run_config = {**dict(context.run_config), **dict(overrides or {})}
         cfg = ExperimentConfig.from_run_config(run_config)
-        run_federation(grid, cfg, cfg.to_run_config())
+        report = run_federation(grid, cfg, cfg.to_run_config())
+        if announce:
+            announce_results(cfg, report)
 
     return server_app
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
-from sklearn.cluster import KMeans
 
 logger = logging.getLogger(__name__)
 
@@ -559,6 +558,8 @@ def local_kmeans(X: np.ndarray, n_clusters: int, *, seed: int = 0) -> tuple[np.n
     k = min(int(n_clusters), X.shape[0])
     if k == 0:
         return np.zeros((0, X.shape[1])), np.zeros(0)
+    from sklearn.cluster import KMeans  # lazy: ~1 s of every ClientApp start otherwise
+
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(np.asarray(X, dtype=np.float64))
     counts = np.bincount(km.labels_, minlength=k).astype(np.float64)
     return np.asarray(km.cluster_centers_, dtype=np.float64), counts
@@ -605,6 +606,8 @@ def init_from_site_centroids(
         raise ValueError(
             f"{points.shape[0]} non-empty site centroids cannot seed {n_clusters} clusters"
         )
+    from sklearn.cluster import KMeans
+
     km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed)
     km.fit(points, sample_weight=weights)
     return np.asarray(km.cluster_centers_, dtype=np.float64)

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; sites and CI have no display
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from fedspatial.shared.atomic import write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot, imported on first use: importing it costs a deployed ClientApp
+    process most of a second, and only the last message of a run draws."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; sites and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _point_size(n: int) -> float:
@@ -21,7 +32,7 @@ def _point_size(n: int) -> float:
     return float(np.clip(2e4 / max(n, 1), 0.5, 30.0))
 
 
-def _scatter(ax: plt.Axes, coords: np.ndarray, values: pd.Series, colours: Mapping[str, object], title: str) -> None:
+def _scatter(ax: Axes, coords: np.ndarray, values: pd.Series, colours: Mapping[str, object], title: str) -> None:
     size = _point_size(len(coords))
     missing = values.isna().to_numpy()
     if missing.any():
@@ -40,7 +51,7 @@ def _scatter(ax: plt.Axes, coords: np.ndarray, values: pd.Series, colours: Mappi
 
 
 def _palette(n: int) -> list[object]:
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    cmap = _pyplot().get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
 
 
@@ -78,6 +89,7 @@ def plot_section_domains(
         lab = lab.where(lab.notna() & (lab.astype(str) != ""), None)
     dom_colours, lab_colours = matched_colours(dom, lab)
     panels = 2 if lab is not None else 1
+    plt = _pyplot()
     fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 4.2), squeeze=False)
     _scatter(axes[0, 0], coords, dom, dom_colours, f"{title}: fedspatial domains")
     if lab is not None:
@@ -90,6 +102,7 @@ def plot_section_domains(
 
 def plot_loss(curves: Mapping[str, Sequence[tuple[int, float]]], *, path: str | Path, title: str = "loss per round") -> Path:
     """One line per named curve of ``(round, loss)`` points."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, points in curves.items():
         if points:

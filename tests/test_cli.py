@@ -55,3 +55,18 @@ def test_simulate_needs_a_config():
 def test_make_demo_data_refuses_to_overwrite(demo_data, capsys):
     assert main(["make-demo-data", str(demo_data)]) == 2
     assert "overwrite" in capsys.readouterr().err.lower()
+
+
+def test_deploy_commands_parse():
+    from fedspatial.cli import build_parser
+
+    parser = build_parser()
+    client = ["client", "--superlink", "fl.example.org:9092", "--data-path", "d", "--ca-cert", "ca.crt",
+              "--auth-key", "k.key"]
+    assert parser.parse_args(client).clientapp_runner == "warm"  # the fast executor by default
+    assert parser.parse_args([*client, "--clientapp-runner", "flower"]).clientapp_runner == "flower"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*client, "--clientapp-runner", "threads"])
+    res = parser.parse_args(["results", "123", "--connection", "center", "--out", "here"])
+    assert (res.run_id, res.connection, str(res.out)) == (123, "center", "here")
+    assert str(parser.parse_args(["submit", "run.yaml", "--out", "mine"]).out) == "mine"

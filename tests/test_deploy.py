@@ -2,8 +2,10 @@
 ``deploy/gen-certs.sh``), SuperNode authentication and a database, three SuperNodes with
 their own synthetic site data, all started through ``fedspatial server`` / ``client``.
 
-Run alone with ``pytest -m deploy``. Every process gets a marker in its environment;
-teardown stops each by its pid and checks that none is left. Every wait is bounded.
+``make test`` runs all but the two longest (also marked ``slow``: a site lost mid-run, the
+SuperLink restarted mid-run); ``make test-deploy`` (``pytest -m deploy``) runs them all.
+Every process gets a marker in its environment; teardown stops each by its pid and checks that none is
+left. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ BIN = Path(sys.executable).parent
 SITES = ("hospital_a", "hospital_b", "hospital_c")
 CONNECTION = "deploy-test"
 # Small sites and model; kmeans-max-iter bounds the number of message rounds, because in a
-# deployment every message starts a fresh ClientApp process at each site.
+# deployment each message costs seconds (Flower's SuperNode polls the SuperLink every 3 s
+# when idle, and runs each message in a new ClientApp process).
 RUN_CONFIG = {
     "num-rounds": 2,
     "local-epochs": 1,
@@ -237,7 +240,7 @@ class Deployment:
 
     def fedspatial_submit(self, name: str, *, min_nodes: int) -> list[str]:
         return [str(BIN / "fedspatial"), "submit", str(self.experiment(name, min_nodes=min_nodes)),
-                "--connection", CONNECTION, "--app", str(ROOT)]
+                "--connection", CONNECTION, "--app", str(ROOT), "--out", str(self.root / "submitter" / name)]
 
     def submit(self, name: str, **extra) -> subprocess.Popen:
         """``flwr run . <connection> --stream`` in the background."""
@@ -455,6 +458,66 @@ def test_unreachable_superlink_fails_fast_with_a_clear_message(material: Deploym
     assert time.monotonic() - start < 45
 
 
+def test_result_line_round_trip(tmp_path: Path) -> None:
+    """The run report rides back in one log line: intact, checked, and only into its folder."""
+    files = {"metrics.json": '{"joint": {"ari": NaN}}\n', "config.json": "{}\n"}
+    line = deploy_cli.result_line("r1", "/srv/results/r1", files)
+    assert "\n" not in line
+    assert deploy_cli.parse_result_line("INFO :      some other line\n") is None
+    bundle = deploy_cli.parse_result_line(f"prefix {line}\n")  # wherever the stream puts it
+    assert bundle is not None and bundle["files"] == files and bundle["center-folder"] == "/srv/results/r1"
+    saved = deploy_cli.save_results(bundle, tmp_path / "out")
+    assert [p.read_text() for p in saved] == list(files.values())
+    with pytest.raises(DeployError, match="checksum"):
+        deploy_cli.parse_result_line(line.replace("NaN", "0.5"))
+    with pytest.raises(DeployError, match="damaged"):
+        deploy_cli.parse_result_line(line[: len(line) // 2])
+    evil = deploy_cli.parse_result_line(deploy_cli.result_line("r1", "/x", {"../escape.json": "{}"}))
+    with pytest.raises(DeployError, match="unexpected file"):
+        deploy_cli.save_results(evil, tmp_path / "out")
+    assert not (tmp_path / "escape.json").exists()
+    with pytest.raises(DeployError, match="too large"):
+        deploy_cli.result_line("r1", "/x", {"metrics.json": "x" * deploy_cli.MAX_RESULT_BYTES})
+
+
+def test_wrapper_stops_when_its_helper_dies(caplog) -> None:
+    """`fedspatial client` runs the warm executor beside flower-supernode: if it dies, the
+    SuperNode (which could not run any message) is stopped too, with a message."""
+    start = time.monotonic()
+    code = deploy_cli.run_child(
+        [sys.executable, "-c", "import time; time.sleep(60)"], explain={}, what="the main process",
+        helpers={"the helper": [sys.executable, "-c", "raise SystemExit(3)"]},
+    )
+    assert code == 1 and time.monotonic() - start < 30
+    assert "the helper ended unasked (exit code 3" in caplog.text
+
+
+def test_warm_executor_preloads_dependencies_not_fedspatial() -> None:
+    """Task processes fork with torch, torch-geometric, matplotlib and Flower's ClientApp
+    runtime imported, but without fedspatial's modules: Flower then loads the ClientApp
+    from the run's bundle, as in its own `flwr-clientapp`."""
+    modules = ["torch", "torch_geometric", "matplotlib.pyplot", "anndata",
+               "flwr.supernode.runtime.run_clientapp", "fedspatial", "fedspatial.client.app"]
+    program = (
+        "import sys, time\n"
+        "from fedspatial.clientapp_executor import WarmExecutor\n"
+        "ex = WarmExecutor('127.0.0.1:1')\n"
+        "ex.warm_up()\n"
+        f"code = {f'import sys; print(sorted(m for m in {modules!r} if m in sys.modules))'!r}\n"
+        "t = time.perf_counter()\n"
+        "p = ex._ctx.Process(target=exec, args=(code,))\n"
+        "p.start(); p.join()\n"
+        "print(round(time.perf_counter() - t, 3), p.exitcode)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "FEDSPATIAL_TEST_MARKER": MARKER})
+    assert res.returncode == 0, res.stderr[-3000:]
+    loaded, timing = res.stdout.strip().splitlines()[-2:]
+    assert loaded == str(sorted(set(modules) - {"fedspatial", "fedspatial.client.app"}))
+    seconds, exitcode = timing.split()
+    assert exitcode == "0" and float(seconds) < 5  # a fork, not a Python start-up with imports
+
+
 class _FakeGrid:
     """Replies at once; nodes in ``dead`` answer with Flower's node-unavailable error."""
 
@@ -554,7 +617,23 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
     res = deployment.run(deployment.fedspatial_submit("t1", min_nodes=3), timeout=RUN_TIMEOUT)
     wall = time.monotonic() - start
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "run finished" in res.stderr
+    assert "run finished. Report saved to" in res.stderr
+    # fedspatial's own log lines and the final summary come with Flower's log stream ...
+    assert "INFO fedspatial.server.federation: sites: hospital_" in res.stdout, res.stdout[-3000:]
+    # Each line once: a root log handler that a library installs on import (opacus does)
+    # would repeat Flower's and fedspatial's lines.
+    assert res.stdout.count("[ROUND 1/2]") == 1 and res.stdout.count("run 't1' finished") == 1
+    assert "run 't1' finished: 2 round(s), 3 site(s)" in res.stdout and "joint ARI" in res.stdout
+    # ... and the report files come back byte for byte; the marked line is not echoed.
+    assert deploy_cli.RESULT_MARKER not in res.stdout and "[run report received:" in res.stdout
+    for name in ("metrics.json", "config.json"):
+        assert (deployment.root / "submitter" / "t1" / name).read_bytes() == (deployment.results / "t1" / name).read_bytes()
+    # A submitter who stopped following gets the report again from the run's log.
+    run_id = res.stdout.split("Successfully started run ")[1].split()[0]
+    again = deployment.run([str(BIN / "fedspatial"), "results", run_id, "--connection", CONNECTION,
+                            "--out", str(deployment.root / "again")], timeout=120)
+    assert again.returncode == 0 and "report of run 't1' saved to" in again.stderr, again.stderr[-2000:]
+    assert (deployment.root / "again" / "metrics.json").read_bytes() == (deployment.results / "t1" / "metrics.json").read_bytes()
     report = deployment.report("t1")
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert all(r["n-sites"] == 3 for r in report["rounds"])
@@ -572,6 +651,7 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
     (deployment.root / "t1-wall.txt").write_text(f"{wall:.1f}\n")
 
 
+@pytest.mark.slow  # minutes, most of it Flower noticing the lost site: `make test-deploy`
 @pytest.mark.timeout(1200)  # real runs: minutes each on 2 cores
 def test_run_completes_after_losing_a_site(deployment: Deployment) -> None:
     """A hospital machine dies in round 2: the run drops it and finishes with two."""
@@ -590,6 +670,7 @@ def test_run_completes_after_losing_a_site(deployment: Deployment) -> None:
     assert "dropped out of the run" in log
 
 
+@pytest.mark.slow  # two runs and a restart: `make test-deploy`
 @pytest.mark.timeout(1500)  # real runs: minutes each on 2 cores
 def test_superlink_restart_keeps_state_and_a_new_run_completes(deployment: Deployment) -> None:
     """The center restarts mid-run: registrations and runs survive in the database, the

@@ -89,3 +89,23 @@ def test_reset_parameters_restores_initial_distribution():
     model.reset_parameters()
     assert not torch.all(model.attention.lin.weight == 3.0)
     assert torch.all(model.attention.lin.bias == 0.0)
+
+
+def test_training_path_does_not_import_torch_geometric():
+    """Every deployed message starts a ClientApp process: torch-geometric (seconds to import)
+    is loaded only by whole-graph embedding, matplotlib only by plotting."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "import fedspatial.client.app\n"
+        "from fedspatial.shared.models import GATAutoencoder\n"
+        "m = GATAutoencoder(4, hidden_dim=4, latent_dim=2)\n"
+        "m.loss(torch.randn(3, 2, 4), torch.ones(3, 2, dtype=torch.bool)).mean().backward()\n"
+        "print('torch_geometric' in sys.modules, 'matplotlib' in sys.modules)\n"
+        "m.embed_graph(torch.randn(3, 4), torch.tensor([[0, 1], [1, 2]]))\n"
+        "print('torch_geometric' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out == ["False", "False", "True"]

@@ -1,8 +1,10 @@
 """Graph attention over a cell's spatial neighbourhood, usable two ways.
 
-``forward(x, edge_index)`` is a torch-geometric ``MessagePassing`` layer (GAT-style,
-one head, self-loops) for whole sections at inference. ``forward_ego(x, mask)`` computes
-the same output for the centre of each fixed-size ego neighbourhood ``[B, 1 + k, F]``.
+``forward(x, edge_index)`` runs torch-geometric message passing (GAT-style, one head,
+self-loops) over whole sections at inference; torch-geometric is imported on its first
+call (see :mod:`._pyg`), so training and a ClientApp process that does not embed
+never load it. ``forward_ego(x, mask)`` computes the same output for the centre of each
+fixed-size ego neighbourhood ``[B, 1 + k, F]``.
 Training uses the ego form because every sample then owns its inputs: memory is bounded
 by the batch size and Opacus can compute per-sample gradients (all parameters live in
 ``nn.Linear`` modules, which its grad samplers support).
@@ -13,11 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import MessagePassing
-from torch_geometric.utils import add_self_loops, remove_self_loops, softmax
 
 
-class NeighbourhoodAttention(MessagePassing):
+class NeighbourhoodAttention(nn.Module):
     r"""Single-head graph attention: :math:`h_i = \sum_{j \in N(i) \cup \{i\}} \alpha_{ij} W x_j + b`.
 
     with :math:`\alpha_{ij} = \mathrm{softmax}_j(\mathrm{LeakyReLU}(a_s^\top W x_j + a_d^\top W x_i))`.
@@ -33,7 +33,7 @@ class NeighbourhoodAttention(MessagePassing):
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, negative_slope: float = 0.2) -> None:
-        super().__init__(aggr="add", node_dim=0)
+        super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.negative_slope = negative_slope
@@ -43,7 +43,6 @@ class NeighbourhoodAttention(MessagePassing):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        super().reset_parameters()
         nn.init.xavier_uniform_(self.lin.weight)
         nn.init.zeros_(self.lin.bias)
         nn.init.xavier_uniform_(self.att_src.weight)
@@ -52,26 +51,12 @@ class NeighbourhoodAttention(MessagePassing):
     # -- whole graph (torch-geometric) -------------------------------------------------
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
         """Apply the layer to every node of a graph; ``edge_index`` is source -> target."""
-        edge_index, _ = remove_self_loops(edge_index)
-        edge_index, _ = add_self_loops(edge_index, num_nodes=x.size(0))
+        from fedspatial.shared.models._pyg import attention_propagation
+
         h = self.lin(x)
         score_src = self.att_src(h).squeeze(-1)
         score_dst = self.att_dst(h).squeeze(-1)
-        out = self.propagate(edge_index, h=h, score_src=score_src, score_dst=score_dst)
-        return out
-
-    def message(  # type: ignore[override]
-        self,
-        h_j: Tensor,
-        score_src_j: Tensor,
-        score_dst_i: Tensor,
-        index: Tensor,
-        ptr: Tensor | None,
-        size_i: int | None,
-    ) -> Tensor:
-        alpha = F.leaky_relu(score_src_j + score_dst_i, self.negative_slope)
-        alpha = softmax(alpha, index, ptr, size_i)
-        return alpha.unsqueeze(-1) * h_j
+        return attention_propagation(self.negative_slope)(h, score_src, score_dst, edge_index)  # type: ignore[no-any-return]
 
     # -- fixed-size ego neighbourhoods -------------------------------------------------
     def forward_ego(self, x: Tensor, mask: Tensor) -> Tensor:

@@ -1,0 +1,55 @@
+"""Imported once by the warm ClientApp executor's fork server (see
+:mod:`fedspatial.clientapp_executor`); every task process is forked from there.
+
+It imports what a ClientApp process needs (torch, torch-geometric, anndata, scikit-learn,
+matplotlib, flwr's ClientApp runtime). A forked task process then forgets fedspatial's
+own modules, so that it imports the ClientApp afresh from the run's Flower App bundle,
+as ``flwr-clientapp`` does: re-importing fedspatial's own modules takes a fifth of a
+second, their third-party imports are what takes seconds. The outcome is left in the
+environment variable :data:`STATUS_ENV`, which the forked processes inherit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+STATUS_ENV = "FEDSPATIAL_CLIENTAPP_PRELOAD"
+
+
+def _forget_fedspatial() -> None:
+    for name in [m for m in sys.modules if m == "fedspatial" or m.startswith("fedspatial.")]:
+        del sys.modules[name]
+
+
+def _preload() -> None:
+    try:
+        import flwr.cli.install  # what a task process runs around the ClientApp
+        import flwr.supernode.runtime.run_clientapp  # noqa: F401
+
+        import fedspatial.client.app  # the ClientApp and everything it imports
+        import fedspatial.shared.models._pyg  # noqa: F401  # torch-geometric (query.embed)
+        from fedspatial.shared.plots import _pyplot
+
+        _pyplot()  # matplotlib (query.finalize)
+    except Exception:  # reported by the executor's probe; the fork server would swallow it
+        os.environ[STATUS_ENV] = "failed: " + traceback.format_exc()
+    else:
+        os.environ[STATUS_ENV] = "ok"
+    os.register_at_fork(after_in_child=_forget_fedspatial)
+    # fedspatial's INFO lines in the hospital's log, once each: the logger tree outlives
+    # the modules; a root handler installed by a library on import (opacus calls
+    # logging.basicConfig) would repeat them and every Flower line.
+    package_logger = logging.getLogger("fedspatial")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines
+
+
+_preload()
