@@ -5,23 +5,90 @@ Each handler reads its inputs from the message, calls plain functions from
 aggregates or metrics only; no per-cell data ever leaves the site.
 
 Message types: ``query.describe``, ``query.feature_stats``, ``query.setup``, ``train``, ``evaluate``,
-``query.embed``, ``query.cluster_stats``, ``query.finalize``.
+``query.pca``, ``query.embed``, ``query.cluster_stats``, ``query.mixture``, ``query.finalize``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import torch  # noqa: F401  # imported first: ArrayRecord.to_torch_state_dict needs torch loaded
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from fedspatial.client import site_runtime as rt
 from fedspatial.client.payload import arrays_record, config_number, config_strings, record_arrays
+from fedspatial.shared.privacy import PRIVACY_BUDGET_ERROR, PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
-app = ClientApp()
+
+
+def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip this site's model update for client-side central DP (Flower's
+    ``fixedclipping_mod`` / ``adaptiveclipping_mod``) when the run asks for it; every
+    other message passes through."""
+    if msg.metadata.message_type != "train" or "config" not in msg.content:
+        return call_next(msg, context)
+    config = msg.content["config"]
+    run_config = json.loads(str(config["run-config"])) if "run-config" in config else {}
+    mode = str(run_config.get("central-dp", "none"))
+    if mode == "client-fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if mode == "client-adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for SecAgg+ rounds (legacy workflow API); the train
+    step in between is this app's own handler, reached through :func:`_legacy_train`."""
+    if msg.metadata.message_type == "train" and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, lambda m, c: _legacy_train(m, c, call_next))
+    return call_next(msg, context)
+
+
+def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Legacy ``FitIns`` -> this app's train message -> legacy ``FitRes``."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = dict(fitins.config)
+    names = list(rt.build_model(json.loads(str(config["model-config"]))).state_dict())
+    values = parameters_to_ndarrays(fitins.parameters)
+    msg.content = RecordDict(
+        {"arrays": ArrayRecord({n: Array(v) for n, v in zip(names, values, strict=True)}), "config": ConfigRecord(config)}  # type: ignore[arg-type]
+    )
+    reply = call_next(msg, context)
+    if reply.has_error():  # SecAgg+ cannot carry an error reply: fail the round with its reason
+        raise PrivacyBudgetExceeded(reply.error.reason) if reply.error.code == PRIVACY_BUDGET_ERROR else RuntimeError(reply.error.reason)
+    metrics = reply.content["metrics"]
+    run_config = json.loads(str(config.get("run-config", "{}")))
+    weight = 1 if run_config.get("central-dp", "none") != "none" else int(metrics["num-examples"])  # type: ignore[arg-type]
+    fitres = FitRes(
+        Status(Code.OK, "ok"),
+        ndarrays_to_parameters(reply.content["arrays"].to_numpy_ndarrays()),  # type: ignore[union-attr]
+        weight,
+        {k: v for k, v in metrics.items() if isinstance(v, int | float)},  # type: ignore[union-attr]
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+app = ClientApp(mods=[secagg_mod, central_dp_mod])
 
 
 def _reply(msg: Message, *, arrays: ArrayRecord | None = None, config: dict | None = None,
@@ -48,7 +115,9 @@ def feature_stats(msg: Message, context: Context) -> Message:
     """Per-feature sums over the shared features (harmonization input)."""
     site = rt.site_for(msg, context)
     cfg = msg.content["config"]
-    stats = site.feature_stats(config_strings(cfg, "features"), target_sum=config_number(cfg, "target-sum"))
+    stats = site.feature_stats(
+        config_strings(cfg, "features"), target_sum=config_number(cfg, "target-sum"), context=context
+    )
     return _reply(msg, arrays=arrays_record(stats.to_arrays()), metrics={"num-examples": stats.n_cells})
 
 
@@ -68,13 +137,27 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
     model = rt.model_from_message(msg)
     start = time.perf_counter()
-    result = site.train(model, rt.setup_of(context), seed=rt.round_seed(context, cfg))
-    metrics = {
+    server_round = int(config_number(cfg, "server-round", 0))
+    try:
+        result = site.train(
+            model, rt.setup_of(context), seed=rt.round_seed(context, cfg), context=context, server_round=server_round
+        )
+    except PrivacyBudgetExceeded as err:
+        # A refusal, not a crash: the server logs the reason and stops or goes on without us.
+        logger.warning("%s", err)
+        return Message(Error(code=PRIVACY_BUDGET_ERROR, reason=str(err)), reply_to=msg)
+    metrics: dict = {
         "num-examples": result.num_examples,
-        "train-loss": result.loss,
+        "unit-weight": 1.0,  # uniform weights for central DP (sensitivity C / n_sites)
         "train-steps": result.steps,
         "train-seconds": time.perf_counter() - start,
     }
+    if site.cfg.privacy.local_dp:
+        # The DP-SGD loss is an unprivatized statistic: report the privacy spent instead.
+        ledger = site.ledger(context)
+        metrics.update({"dp-epsilon": ledger.epsilon, "dp-delta": ledger.delta, "dp-budget": ledger.budget_epsilon})
+    else:
+        metrics["train-loss"] = result.loss
     return _reply(msg, arrays=ArrayRecord(model.state_dict()), metrics=metrics)
 
 
@@ -84,7 +167,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = rt.site_for(msg, context)
     model = rt.model_from_message(msg)
     loss = site.evaluate(model, rt.setup_of(context))
-    return _reply(msg, metrics={"num-examples": site.n_cells, "eval-loss": loss})
+    return _reply(msg, metrics={"num-examples": site.n_cells, "unit-weight": 1.0, "eval-loss": loss})
 
 
 @app.query("embed")
@@ -107,13 +190,43 @@ def cluster_stats(msg: Message, context: Context) -> Message:
     return _reply(msg, arrays=arrays_record(stats.to_arrays()), metrics={"num-examples": site.n_cells})
 
 
+@app.query("pca")
+def pca(msg: Message, context: Context) -> Message:
+    """Federated PCA of the standardized features: feature sums, ``D x r`` power
+    products or the ``r x r`` Rayleigh matrix (``config["stage"]``); ``store`` keeps the
+    final basis for training."""
+    site = rt.site_for(msg, context)
+    stage = str(msg.content["config"]["stage"])
+    arrays = record_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    if stage == "store":
+        from fedspatial.shared.pca import PCABasis
+
+        rt.store_pca(context, PCABasis.from_arrays(arrays))
+        data = site.graph_data(rt.setup_of(context))  # project now: later rounds reuse it
+        return _reply(msg, metrics={"num-examples": data.n_cells})
+    reply = site.pca_reply(rt.setup_of(context), stage, arrays)
+    return _reply(msg, arrays=arrays_record(reply), metrics={"num-examples": site.n_cells})
+
+
+@app.query("mixture")
+def mixture(msg: Message, context: Context) -> Message:
+    """E-step sums (per component: responsibility, weighted sum, second moments) for the
+    server's Gaussian mixture."""
+    site = rt.site_for(msg, context)
+    covariance_type = str(msg.content["config"]["covariance-type"])
+    stats = site.mixture_stats(record_arrays(msg.content["arrays"]), covariance_type, context)
+    return _reply(msg, arrays=arrays_record(stats.to_arrays()), metrics={"num-examples": site.n_cells})
+
+
 @app.query("finalize")
 def finalize(msg: Message, context: Context) -> Message:
     """Assign domains, write the annotated sections and plots at the site, and return
     scores and label x domain counts."""
     site = rt.site_for(msg, context)
     arrays = record_arrays(msg.content["arrays"])
-    report, tables = site.finalize(arrays["centroids"], msg.content["config"], rt.setup_of(context), context)
+    report, tables = site.finalize(
+        arrays["centroids"], msg.content["config"], rt.setup_of(context), context, mixture_arrays=arrays
+    )
     return _reply(
         msg,
         arrays=arrays_record(tables),

@@ -2,7 +2,8 @@
 
 Deployment: the hospital's SuperNode is started with
 ``--node-config "data-path='/data/site' site-name='hospital_a' output-path='/data/out'"``.
-Simulation: virtual SuperNodes only have ``partition-id``; they look themselves up in a
+A site may add ``privacy-budget=2.0`` (epsilon) to hold itself to a stricter budget than
+the run's. Simulation: virtual SuperNodes only have ``partition-id``; they look themselves up in a
 federation manifest (written by ``fedspatial simulate`` / ``fedspatial make-demo-data``)
 named by the run config key ``manifest`` or the ``FEDSPATIAL_MANIFEST`` variable.
 """
@@ -27,6 +28,21 @@ class NodeData:
     name: str
     sources: tuple[SiteSource, ...]
     output_dir: Path
+    privacy_budget: float | None = None
+    """The site's own epsilon budget (node config or manifest `privacy-budget`); the
+    stricter of it and the run's budget applies."""
+
+
+def _budget(raw: Any) -> float | None:
+    if raw in (None, ""):
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"privacy-budget must be a positive number (epsilon), got {raw!r}") from None
+    if not value > 0:
+        raise NodeConfigError(f"privacy-budget must be a positive number (epsilon), got {raw!r}")
+    return value
 
 
 def resolve_node_data(
@@ -37,7 +53,7 @@ def resolve_node_data(
         name = str(node_config.get("site-name") or data_path.stem)
         default_out = data_path.resolve().parent / "fedspatial-results" / run_name / name
         output = Path(str(node_config.get("output-path") or default_out)).expanduser()
-        return NodeData(name, (SiteSource(name, str(data_path)),), output)
+        return NodeData(name, (SiteSource(name, str(data_path)),), output, _budget(node_config.get("privacy-budget")))
     if "partition-id" not in node_config:
         raise NodeConfigError(
             "this SuperNode has no data: start it with "
@@ -62,7 +78,10 @@ def resolve_node_data(
     sources = tuple(SiteSource(s["name"], s["data-path"]) for s in node["sites"])
     results = Path(str(run_config.get("results-dir", "results"))) / run_name
     output = Path(node.get("output-path") or results / "sites" / node["name"])
-    return NodeData(node["name"], sources, output)
+    # A manifest may set privacy-budget per node or per site; the strictest applies.
+    budgets = [_budget(x) for x in (node_config.get("privacy-budget"), node.get("privacy-budget"), *(s.get("privacy-budget") for s in node["sites"]))]
+    budget = min((b for b in budgets if b is not None), default=None)
+    return NodeData(node["name"], sources, output, budget)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -35,14 +35,29 @@ from fedspatial.shared.features import (
     compute_feature_stats,
     feature_names,
 )
+from fedspatial.shared.graph import bound_in_degree
+from fedspatial.shared.mixture import MixtureParams, MixtureStats, site_mixture_stats
 from fedspatial.shared.models import build_model
+from fedspatial.shared.pca import PCABasis, site_column_sums, site_power_product, site_rayleigh
 from fedspatial.shared.plots import plot_section_domains
+from fedspatial.shared.privacy import (
+    LEDGER_FILE,
+    NodeBound,
+    PrivacyLedger,
+    Release,
+    calibrate_noise,
+    dp_train_epochs,
+    noisy_feature_stats,
+    plan_round,
+)
 from fedspatial.shared.site import SiteSection, load_site_sections, prepare_graph_data
 from fedspatial.shared.training import GraphData, TrainResult, embed, evaluate_loss, train_epochs
 
 logger = logging.getLogger(__name__)
 EMBEDDING_KEY = "fedspatial-embedding"
 SPACE_KEY = "fedspatial-feature-space"
+LEDGER_KEY = "fedspatial-privacy-ledger"
+PCA_KEY = "fedspatial-pca"
 _CACHE: OrderedDict[tuple[Any, ...], SiteRuntime] = OrderedDict()
 _CACHE_SIZE = 4
 
@@ -89,10 +104,17 @@ class SiteSetup:
 
     space: FeatureSpace
     batches: tuple[str, ...] = ()
+    pca: PCABasis | None = None
+    """Federated PCA basis the model inputs are projected on (``features.n-pcs``)."""
 
     @property
     def key(self) -> tuple[str, tuple[str, ...]]:
         return self.space.fingerprint(), self.batches
+
+    @property
+    def model_key(self) -> tuple[str, tuple[str, ...], str]:
+        pca = "" if self.pca is None else f"{zlib.crc32(self.pca.components.tobytes()):08x}"
+        return self.space.fingerprint(), self.batches, pca
 
 
 def store_setup(context: Context, config: ConfigRecord) -> None:
@@ -109,7 +131,17 @@ def setup_of(context: Context) -> SiteSetup:
         raise RuntimeError("this site has no feature space yet: the server must send query.setup first")
     record = context.state.config_records[SPACE_KEY]
     batches = record.get("batches") or []
-    return SiteSetup(feature_space_from_config(record), tuple(str(b) for b in batches))  # type: ignore[union-attr]
+    pca = PCABasis.from_arrays(_numpy_record(context.state[PCA_KEY])) if PCA_KEY in context.state else None
+    return SiteSetup(feature_space_from_config(record), tuple(str(b) for b in batches), pca)  # type: ignore[union-attr]
+
+
+def store_pca(context: Context, basis: PCABasis) -> None:
+    """Keep the federation's PCA basis in the node's state for the rest of the run."""
+    context.state[PCA_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in basis.to_arrays().items()})
+
+
+def _numpy_record(record: Any) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
 
 
 def round_seed(context: Context, cfg: ConfigRecord) -> int:
@@ -127,6 +159,8 @@ class SiteRuntime:
         self.node = node
         self.cfg = cfg
         self._graph: dict[tuple[str, tuple[str, ...]], GraphData] = {}
+        self._model_graph: dict[tuple[str, tuple[str, ...], str], GraphData] = {}
+        self._dp_graph: dict[tuple[str, tuple[str, ...], str], GraphData] = {}
 
     @cached_property
     def sections(self) -> list[SiteSection]:
@@ -160,16 +194,100 @@ class SiteRuntime:
             },
         )
 
-    def feature_stats(self, features: list[str], *, target_sum: float) -> FeatureStats:
-        return compute_feature_stats(
+    def feature_stats(
+        self, features: list[str], *, target_sum: float, context: Context | None = None
+    ) -> FeatureStats:
+        """Per-feature aggregates; released through the Gaussian mechanism (and charged
+        to the site's ledger) when ``privacy.feature-stats-noise`` > 0."""
+        stats = compute_feature_stats(
             [s.adata for s in self.sections], features, target_sum=target_sum, feature_key=self.feature_key
         )
+        sigma = self.cfg.privacy.feature_stats_noise
+        if sigma <= 0:
+            return stats
+        if context is None:
+            raise ValueError("noisy feature statistics need the node context (for the privacy ledger)")
+        ledger = self.ledger(context)
+        equivalent = sigma / np.sqrt(6.0)  # six blocks, see noisy_feature_stats
+        try:
+            ledger.check("feature-stats", 0, equivalent, 1.0, 1)
+        finally:
+            self.save_ledger(context, ledger)
+        n, arrays, equivalent = noisy_feature_stats(
+            stats.n_cells, stats.to_arrays(), target_sum=target_sum, noise_multiplier=sigma
+        )
+        ledger.record(Release("feature-stats", 0, equivalent, 1.0, 1, details={"noise-multiplier": sigma}))
+        self.save_ledger(context, ledger)
+        return FeatureStats.from_arrays(stats.features, n, arrays)
+
+    # -- privacy ledger -------------------------------------------------------------------
+    @property
+    def degree_bound(self) -> int:
+        return self.cfg.privacy.max_degree or self.cfg.neighbors.n_neighbors
+
+    @property
+    def budget(self) -> float:
+        """The stricter of the run's budget and the site's own (node config)."""
+        p = self.cfg.privacy
+        run_budget = p.budget_epsilon or p.target_epsilon
+        return min(run_budget, self.node.privacy_budget or run_budget)
+
+    def ledger(self, context: Context) -> PrivacyLedger:
+        """The site's ledger: from the node's state, else from the ledger file of this run
+        (a restarted SuperNode or a resumed run), else a new one."""
+        p = self.cfg.privacy
+        if LEDGER_KEY in context.state:
+            ledger = PrivacyLedger.from_json(str(context.state.config_records[LEDGER_KEY]["ledger"]))
+        elif (self.node.output_dir / LEDGER_FILE).is_file():
+            raw = json.loads((self.node.output_dir / LEDGER_FILE).read_text())
+            ledger = PrivacyLedger(
+                site=self.node.name, delta=p.delta, budget_epsilon=self.budget,
+                releases=[Release(**r) for r in raw["releases"]], refusals=list(raw.get("refusals", [])),
+                node_noise_multiplier=float(raw.get("node-noise-multiplier") or 0.0),
+            )
+            logger.info("%s: privacy ledger restored from %s (epsilon %.3f)", self.node.name, self.node.output_dir, ledger.epsilon)
+        else:
+            ledger = PrivacyLedger(site=self.node.name, delta=p.delta, budget_epsilon=self.budget)
+        ledger.budget_epsilon = self.budget
+        ledger.target_epsilon = p.target_epsilon
+        ledger.max_grad_norm = p.max_grad_norm
+        ledger.degree_bound = self.degree_bound
+        return ledger
+
+    def save_ledger(self, context: Context, ledger: PrivacyLedger) -> None:
+        """Keep the ledger in the node's state and write it (atomically) to the site's results."""
+        context.state[LEDGER_KEY] = ConfigRecord({"ledger": ledger.to_json()})
+        ledger.write(self.node.output_dir)
 
     def batch_name(self, section: SiteSection) -> str:
         """The batch a section belongs to for a batch-aware decoder."""
         return section.site if self.cfg.model.batch == "site" else section.key
 
     def graph_data(self, setup: SiteSetup) -> GraphData:
+        """The model's inputs: standardized features, projected on the federation's PCA
+        basis when there is one."""
+        if setup.pca is None:
+            return self.feature_graph_data(setup)
+        if setup.model_key not in self._model_graph:
+            base = self.feature_graph_data(setup)
+            x = torch.from_numpy(setup.pca.transform(base.x.numpy()))
+            self._model_graph = {setup.model_key: GraphData(x, base.neighbors, base.sections, base.batch)}
+        return self._model_graph[setup.model_key]
+
+    # -- federated PCA (sums and D x r products of the standardized features) ------------
+    def pca_reply(self, setup: SiteSetup, stage: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = self.feature_graph_data(setup).x.numpy()
+        if stage == "sums":
+            sums, count = site_column_sums(x)
+            return {"sums": sums, "count": np.array([count]), "sumsq": np.array([float(np.square(x, dtype=np.float64).sum())])}
+        if stage == "power":
+            return {"product": site_power_product(x, arrays["mean"], arrays["basis"])}
+        if stage == "rayleigh":
+            return {"rayleigh": site_rayleigh(x, arrays["mean"], arrays["basis"])}
+        raise ValueError(f"unknown PCA stage {stage!r}")
+
+    def feature_graph_data(self, setup: SiteSetup) -> GraphData:
+        """Standardized selected features and neighbourhoods of every section (cached)."""
         key = setup.key
         if key not in self._graph:
             batch_of = None
@@ -191,7 +309,31 @@ class SiteRuntime:
             }
         return self._graph[key]
 
-    def train(self, model: torch.nn.Module, setup: SiteSetup, *, seed: int) -> TrainResult:
+    def dp_graph_data(self, setup: SiteSetup) -> GraphData:
+        """The training graph for DP-SGD: every cell in at most ``degree_bound`` lists."""
+        key = setup.model_key
+        if key not in self._dp_graph:
+            data = self.graph_data(setup)
+            bounded = torch.from_numpy(bound_in_degree(data.neighbors.numpy(), self.degree_bound))
+            self._dp_graph = {key: GraphData(data.x, bounded, data.sections, data.batch)}
+        return self._dp_graph[key]
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        setup: SiteSetup,
+        *,
+        seed: int,
+        context: Context | None = None,
+        server_round: int = 0,
+    ) -> TrainResult:
+        """One round of local training; DP-SGD (charged to the site's ledger, refused with
+        :class:`~fedspatial.shared.privacy.PrivacyBudgetExceeded` past the budget) when
+        ``privacy.local-dp`` is on."""
+        if self.cfg.privacy.local_dp:
+            if context is None:
+                raise ValueError("local DP needs the node context (the privacy ledger lives there)")
+            return self.dp_train(model, setup, context=context, server_round=server_round)
         data = self.graph_data(setup)
         t = self.cfg.training
         return train_epochs(
@@ -205,6 +347,45 @@ class SiteRuntime:
             seed=seed,
             description=f"{self.node.name} train",
         )
+
+    def dp_train(
+        self, model: torch.nn.Module, setup: SiteSetup, *, context: Context, server_round: int
+    ) -> TrainResult:
+        p, t = self.cfg.privacy, self.cfg.training
+        data = self.dp_graph_data(setup)
+        ledger = self.ledger(context)
+        bound = NodeBound(self.degree_bound)
+        plan = plan_round(
+            data.n_cells, batch_size=t.batch_size, epochs=t.local_epochs, max_grad_norm=p.max_grad_norm,
+            bound=bound, node_noise_multiplier=ledger.node_noise_multiplier or p.noise_multiplier,
+        )
+        if plan.node_noise_multiplier <= 0:  # calibrate once, for the whole run
+            sigma = calibrate_noise(
+                target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=plan.node_sample_rate,
+                steps=plan.steps * t.num_rounds, prior=ledger.history,
+            )
+            plan = plan_round(
+                data.n_cells, batch_size=t.batch_size, epochs=t.local_epochs, max_grad_norm=p.max_grad_norm,
+                bound=bound, node_noise_multiplier=sigma,
+            )
+            logger.info("%s: node-level noise multiplier %.3f for epsilon %g over %d rounds", self.node.name, sigma, p.target_epsilon, t.num_rounds)
+        ledger.node_noise_multiplier = plan.node_noise_multiplier
+        try:
+            ledger.check("dp-sgd", server_round, plan.node_noise_multiplier, plan.node_sample_rate, plan.steps)
+        finally:
+            self.save_ledger(context, ledger)
+        result = dp_train_epochs(
+            model, data, plan, lr=t.lr, weight_decay=t.weight_decay, grad_sample_mode=p.grad_sample_mode
+        )
+        ledger.record(
+            Release(
+                "dp-sgd", server_round, plan.node_noise_multiplier, plan.node_sample_rate, plan.steps,
+                details={"sample-rate": plan.sample_rate, "noise-multiplier": plan.noise_multiplier, "max-grad-norm": p.max_grad_norm},
+            )
+        )
+        self.save_ledger(context, ledger)
+        logger.info("%s: round %d DP-SGD, epsilon %.3f of %g", self.node.name, server_round, ledger.epsilon, ledger.budget_epsilon)
+        return result
 
     def evaluate(self, model: torch.nn.Module, setup: SiteSetup) -> float:
         return evaluate_loss(model, self.graph_data(setup))
@@ -233,14 +414,36 @@ class SiteRuntime:
     ) -> clustering.ClusterStats:
         return clustering.cluster_stats(self._embedding(context), centroids, previous_centroids=previous)
 
+    def mixture_stats(self, arrays: dict[str, np.ndarray], covariance_type: str, context: Context) -> MixtureStats:
+        """E-step sums for the server's mixture, or (given ``centroids``) the hard k-means
+        assignment that starts EM."""
+        z = self._embedding(context)
+        if "centroids" in arrays:
+            labels, _ = clustering.assign_clusters(z, arrays["centroids"])
+            return site_mixture_stats(
+                z, labels=labels, n_components=len(arrays["centroids"]), covariance_type=covariance_type
+            )
+        return site_mixture_stats(z, MixtureParams.from_arrays(arrays, covariance_type))
+
     def finalize(
-        self, centroids: np.ndarray, cfg: ConfigRecord, setup: SiteSetup, context: Context
+        self,
+        centroids: np.ndarray,
+        cfg: ConfigRecord,
+        setup: SiteSetup,
+        context: Context,
+        mixture_arrays: dict[str, np.ndarray] | None = None,
     ) -> tuple[str, dict[str, np.ndarray]]:
         """Domains, confidence, outputs written at the site; returns (report JSON, arrays)."""
         z = self._embedding(context)
         data = self.graph_data(setup)
-        labels, _ = clustering.assign_clusters(z, centroids)
-        posterior = clustering.isotropic_posterior(z, centroids, config_number(cfg, "variance"))
+        mixture = str(cfg.get("mixture", "none"))
+        if mixture != "none":  # centroids are then the mixture's means, sent with its other parameters
+            params = MixtureParams.from_arrays(dict(mixture_arrays or {}), mixture)
+            posterior = params.predict_proba(z)
+            labels = posterior.argmax(axis=1)
+        else:
+            labels, _ = clustering.assign_clusters(z, centroids)
+            posterior = clustering.isotropic_posterior(z, centroids, config_number(cfg, "variance"))
         neighbors = data.neighbors.numpy()
         refine = bool(cfg.get("refine", True))
         run_name = str(cfg.get("run-name", self.cfg.run_name))

@@ -28,6 +28,7 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        force=True,  # opacus calls logging.basicConfig on import; ours must win
     )
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
 

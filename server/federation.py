@@ -5,7 +5,9 @@
    (highly variable selection and standardization equal to the pooled computation).
 3. Federated training of the encoder with :class:`SpatialFedAvg` (weighted by
    ``num-examples``); the global state is checkpointed after every round.
-4. Federated k-means on embeddings kept at the sites (server sees cluster sums only).
+   (With ``features.n-pcs``, federated PCA first: the model trains on principal components.)
+4. Federated k-means on embeddings kept at the sites (server sees cluster sums only),
+   optionally refined by a federated Gaussian mixture (``clustering.mixture``).
 5. ``finalize``: each site writes its annotated sections and plots at home and returns
    scores and label x domain counts; the server writes the run report.
 """
@@ -29,6 +31,7 @@ from fedspatial.client.payload import (
     feature_space_to_config,
     record_arrays,
 )
+from fedspatial.server.analysis_rounds import federated_mixture_rounds, federated_pca_rounds
 from fedspatial.server.messaging import SiteGroup, ask, wait_for_nodes
 from fedspatial.server.report import write_run_report
 from fedspatial.server.run_store import RunStore
@@ -42,7 +45,14 @@ from fedspatial.shared.features import (
     shared_features,
 )
 from fedspatial.shared.models import GATAutoencoder
-from fedspatial.strategies import SpatialFedAvg
+from fedspatial.strategies import (
+    PrivacyBudgetGuard,
+    PrivacyBudgetStop,
+    SpatialFedAvg,
+    central_dp,
+    central_dp_epsilon,
+)
+from fedspatial.strategies.secagg import run_secagg_rounds
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +66,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
 
     nodes = wait_for_nodes(grid, cfg.training.min_nodes or 1)
     # From here on a site that fails is dropped; the run stops once fewer than min-nodes
-    # remain (0: every site that was there at the start).
-    n_min = cfg.training.min_nodes or len(nodes)
+    # remain (0: every site that was there at the start; 1 when a site whose privacy
+    # budget is spent may leave and the run continue without it).
+    leave_ok = cfg.privacy.local_dp and cfg.privacy.on_exhausted == "continue"
+    n_min = cfg.training.min_nodes or (1 if leave_ok else len(nodes))
     sites = SiteGroup(
         grid, nodes, min_nodes=n_min,
         hint=f"Finished rounds are checkpointed in {store.checkpoint_dir}: resubmit the run "
@@ -91,17 +103,25 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
 
     # -- federated training -------------------------------------------------------------
     batches = batch_names(cfg.model.batch, [desc[n]["config"] for n in sites.nodes])
+    space_config = feature_space_to_config(space)
+    setup = {**common, **space_config, **({"batches": batches} if batches else {})}
+    ask(sites, sites.nodes, "setup", config=setup, names=names)
+    in_dim = len(space.selected)
+    if cfg.features.n_pcs:
+        # Deterministic (seeded start, sums in site-name order), so a resumed run
+        # recomputes the same basis instead of storing it.
+        federated_pca_rounds(
+            sites, sites.nodes, names, common, n_features=in_dim, n_components=cfg.features.n_pcs, seed=cfg.seed
+        )
+        in_dim = cfg.features.n_pcs
     torch.manual_seed(cfg.seed)
     model = GATAutoencoder(
-        len(space.selected),
+        in_dim,
         cfg.model.hidden_dim,
         cfg.model.latent_dim,
         n_batches=len(batches),
         dropout=cfg.model.dropout,
     )
-    space_config = feature_space_to_config(space)
-    setup = {**common, **space_config, **({"batches": batches} if batches else {})}
-    ask(sites, sites.nodes, "setup", config=setup, names=names)
     base_config: dict[str, Any] = {
         **common,
         "model-config": json.dumps(model.model_config()),
@@ -113,6 +133,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         done_rounds, arrays, state = checkpoint
         history = state["history"]
         logger.info("resuming after round %d of %d", done_rounds, cfg.training.num_rounds)
+    privacy = cfg.privacy
     strategy = SpatialFedAvg(
         round_offset=done_rounds,
         # each batch's decoder weights are trained only by the site holding that batch
@@ -120,8 +141,18 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         min_train_nodes=n_min,
         min_evaluate_nodes=n_min,
         min_available_nodes=n_min,
+        # a loss over all of a site's cells is not privatized: no client evaluation under local DP
+        fraction_evaluate=0.0 if privacy.local_dp else 1.0,
+        # client-level DP bounds one site's influence on an equally weighted mean
+        weighted_by_key="unit-weight" if privacy.central_dp != "none" else "num-examples",
     )
     strategy.history = history
+    inner = strategy if privacy.central_dp == "none" else central_dp(
+        strategy, privacy.central_dp, noise_multiplier=privacy.central_noise_multiplier,
+        clipping_norm=privacy.central_clipping_norm, n_sites=len(sites.nodes),
+    )
+    guard = PrivacyBudgetGuard(inner, on_exhausted=privacy.on_exhausted)
+    last_saved: dict[str, Any] = {"round": done_rounds, "arrays": arrays}
 
     def save_round(server_round: int, round_arrays: ArrayRecord) -> None:
         if server_round == 0:
@@ -133,19 +164,50 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
             "site-names": {str(k): v for k, v in names.items()},
         }
         store.save_round(server_round + done_rounds, round_arrays, state)
+        last_saved.update({"round": server_round + done_rounds, "arrays": round_arrays})
         return None
 
     remaining = cfg.training.num_rounds - done_rounds
-    if remaining > 0:
-        result = strategy.start(
-            grid=sites,
-            initial_arrays=arrays,
+    stopped: dict[str, Any] | None = None
+    if remaining > 0 and privacy.secagg:
+        arrays = run_secagg_rounds(
+            sites,
+            arrays=arrays,
             num_rounds=remaining,
-            train_config=ConfigRecord(base_config),
-            evaluate_config=ConfigRecord(base_config),
-            evaluate_fn=save_round,
+            round_offset=done_rounds,
+            train_config=base_config,
+            n_sites=len(sites.nodes),
+            # SecAgg+ weights by num-examples (cells), or equally under client-level DP
+            max_weight=float(len(sites.nodes) if privacy.central_dp != "none" else sum(int(desc[n]["metrics"]["num-examples"]) for n in sites.nodes)),
+            on_round=save_round,
+            history=strategy.history,
+            central_noise_multiplier=privacy.central_noise_multiplier if privacy.central_dp != "none" else None,
+            central_clipping_norm=privacy.central_clipping_norm,
         )
-        arrays = result.arrays if len(result.arrays) else arrays
+    elif remaining > 0:
+        try:
+            result = guard.start(
+                grid=sites,
+                initial_arrays=arrays,
+                num_rounds=remaining,
+                train_config=ConfigRecord(base_config),
+                evaluate_config=ConfigRecord(base_config),
+                evaluate_fn=save_round,
+            )
+            arrays = result.arrays if len(result.arrays) else arrays
+        except PrivacyBudgetStop as stop:
+            arrays = last_saved["arrays"]
+            stopped = {"after-round": last_saved["round"], "refusals": {names.get(n, str(n)): r for n, r in stop.refusals.items()}}
+            # The sites only refused to train: they stay for clustering and their outputs.
+            for node in stop.refusals:
+                sites.dropped.pop(sites.name(node), None)
+                if node not in sites.nodes:
+                    sites.nodes = sorted([*sites.nodes, node])
+            logger.warning(
+                "privacy budget spent at %s: training stops after round %d (privacy.on-exhausted=stop); "
+                "the model of round %d (checkpoint in %s) goes on to clustering",
+                ", ".join(stopped["refusals"]), last_saved["round"], last_saved["round"], store.checkpoint_dir,
+            )
     train_seconds = time.perf_counter() - t0
     final_state = arrays.to_torch_state_dict()
     save_checkpoint(
@@ -184,14 +246,26 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         [clustering.ClusterStats.from_arrays(record_arrays(r["arrays"])) for r in final.values()]
     )
     variance = clustering.shared_variance(final_stats, kmeans.centroids.shape[1])
+    domain_arrays: dict[str, np.ndarray] = {"centroids": kmeans.centroids}
+    mixture_iterations = 0
+    if cfg.clustering.mixture != "none":
+        params, em = federated_mixture_rounds(
+            sites, sites.nodes, names, common, centroids=kmeans.centroids,
+            covariance_type=cfg.clustering.mixture, max_iter=cfg.clustering.mixture_max_iter,
+        )
+        domain_arrays = {"centroids": params.means, **params.to_arrays()}
+        mixture_iterations = em.n_iter
 
     # -- finalize at the sites and report ------------------------------------------------
     fin = ask(
         sites,
         sites.nodes,
         "finalize",
-        config={**base_config, "variance": variance, "refine": cfg.clustering.refine, "run-name": cfg.run_name},
-        arrays=arrays_record({"centroids": kmeans.centroids}),
+        config={
+            **base_config, "variance": variance, "refine": cfg.clustering.refine, "run-name": cfg.run_name,
+            "mixture": cfg.clustering.mixture,
+        },
+        arrays=arrays_record(domain_arrays),
         names=names,
     )
     site_reports = [json.loads(str(r["config"]["report"])) for r in fin.values()]
@@ -204,14 +278,55 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
             "n-features-shared": len(space.shared),
             "n-features-selected": len(space.selected),
             "kmeans-iterations": kmeans.n_iter,
+            "mixture": cfg.clustering.mixture,
+            "mixture-iterations": mixture_iterations,
+            "n-pcs": cfg.features.n_pcs,
             "kmeans-inertia": final_stats.inertia,
             "train-seconds": train_seconds,
             "wall-seconds": time.perf_counter() - t0,
-            "domain-sizes": final_stats.counts.astype(int).tolist(),
+            "domain-sizes": np.sum([record_arrays(r["arrays"])["domain-counts"] for r in fin.values()], axis=0).astype(int).tolist(),
             "model-parameters": int(sum(np.prod(v.shape) for v in final_state.values())),
             "dropped-sites": sites.dropped,
+            "privacy": privacy_summary(cfg, strategy.history, {str(k): v for k, v in names.items()}, stopped, guard.refusals),
         },
     )
+
+
+def privacy_summary(
+    cfg: ExperimentConfig,
+    history: list[dict[str, Any]],
+    names: dict[str, str],
+    stopped: dict[str, Any] | None,
+    refusals: dict[int, dict[int, str]],
+) -> dict[str, Any]:
+    """What the run's report says about privacy: each site's epsilon after its last
+    round (its own ledger has the details), central DP's client-level epsilon, SecAgg+."""
+    p = cfg.privacy
+    out: dict[str, Any] = {"local-dp": p.local_dp, "central-dp": p.central_dp, "secagg": p.secagg}
+    if p.local_dp:
+        spent: dict[str, Any] = {}
+        for entry in history:
+            for node, m in entry.get("sites", {}).items():
+                if "dp-epsilon" in m:
+                    spent[names.get(node, node)] = {"epsilon": m["dp-epsilon"], "delta": m.get("dp-delta"), "after-round": entry["round"]}
+        out["site-epsilon"] = spent
+        out["ledger"] = "privacy_ledger.json in each site's results folder"
+    if p.central_dp != "none":
+        rounds = sum(1 for e in history if e.get("n-sites"))
+        out["central"] = {
+            "mode": p.central_dp,
+            "noise-multiplier": p.central_noise_multiplier,
+            "clipping-norm": p.central_clipping_norm,
+            "rounds": rounds,
+            "delta": p.delta,
+            "client-level-epsilon": central_dp_epsilon(p.central_noise_multiplier, rounds, p.delta),
+            "privacy-unit": "one site (its whole model update), every site in every round, equal weights",
+        }
+    if stopped is not None:
+        out["stopped"] = stopped
+    if refusals:
+        out["refusals"] = {str(r): {names.get(str(n), str(n)): why for n, why in by.items()} for r, by in refusals.items()}
+    return out
 
 
 def batch_names(mode: str, descriptions: list[Any]) -> list[str]:

@@ -48,6 +48,9 @@ class FeaturesConfig:
     scale: Literal["global", "section"] = "section"
     """Standardize with the pooled statistics, or each section on its own (removes
     per-feature batch effects between sections)."""
+    n_pcs: int = 0
+    """Train on this many principal components of the standardized features, computed
+    by federated PCA (sites send only D x r products); 0: train on the features."""
 
 
 @dataclass
@@ -89,6 +92,45 @@ class ClusteringConfig:
     kmeans_tol: float = 0.0
     refine: bool = True
     """Majority vote over spatial neighbours after clustering (at each site)."""
+    mixture: Literal["none", "tied", "full"] = "none"
+    """After k-means, fit a federated Gaussian mixture started from its assignment:
+    "tied" (one shared covariance, mclust EEE as STAGATE/GraphST use), "full", or
+    "none" (k-means domains)."""
+    mixture_max_iter: int = 100
+
+
+@dataclass
+class PrivacyConfig:
+    local_dp: bool = False
+    """Node-level DP-SGD at every site (Opacus): the privacy unit is one cell."""
+    target_epsilon: float = 8.0
+    """Epsilon the whole run may spend at a site; the noise is calibrated to reach it
+    after num-rounds (used when noise-multiplier is 0)."""
+    noise_multiplier: float = 0.0
+    """Node-level noise multiplier (noise std / node sensitivity); 0: from target-epsilon."""
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    """Per-sample (one ego neighbourhood) gradient clipping norm."""
+    budget_epsilon: float = 0.0
+    """Per-site budget: a site refuses a round that would exceed it (0: target-epsilon).
+    A site's node config `privacy-budget` may set a stricter one."""
+    max_degree: int = 0
+    """In-degree bound D: a cell is the neighbour of at most D cells (0: n-neighbors)."""
+    on_exhausted: Literal["stop", "continue"] = "stop"
+    """When a site's budget is spent: stop training (keep the last round's model), or
+    continue without that site (needs min-nodes below the number of sites)."""
+    grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "ghost"
+    """Opacus per-sample gradient engine."""
+    feature_stats_noise: float = 0.0
+    """Noise multiplier of the Gaussian mechanism on the harmonization aggregates
+    (0: exact aggregates, no privacy cost)."""
+    central_dp: Literal["none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = "none"
+    """Client-level central DP with Flower's DP strategy wrappers."""
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0
+    """Clipping norm of a site's model update (initial norm when adaptive)."""
+    secagg: bool = False
+    """Secure aggregation (Flower SecAgg+, legacy workflow API)."""
 
 
 @dataclass
@@ -97,6 +139,8 @@ class SimulationConfig:
     num_cpus: int = 2
     """CPU cores the simulation may use in total."""
     cpus_per_client: int = 1
+    """CPU cores (torch threads) of each simulated SuperNode, the single node of the
+    centralized and local modes included."""
 
 
 @dataclass
@@ -112,6 +156,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
@@ -202,6 +247,43 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.clustering.n_domains >= 2, "clustering.n-domains: must be >= 2"),
         (cfg.clustering.kmeans_max_iter >= 1, "clustering.kmeans-max-iter: must be >= 1"),
         (cfg.clustering.kmeans_tol >= 0, "clustering.kmeans-tol: must be >= 0"),
+        (cfg.clustering.mixture_max_iter >= 1, "clustering.mixture-max-iter: must be >= 1"),
+        (cfg.features.n_pcs >= 0, "features.n-pcs: must be >= 0 (0 = no PCA)"),
+        (
+            not (cfg.privacy.local_dp and cfg.features.n_pcs),
+            "features.n-pcs: federated PCA releases sums of the raw features outside the privacy "
+            "ledger; set it to 0 when privacy.local-dp is on",
+        ),
+        (
+            cfg.features.n_pcs <= cfg.features.n_top_features,
+            "features.n-pcs: must not exceed features.n-top-features",
+        ),
+        (
+            not cfg.privacy.local_dp or cfg.training.proximal_mu == 0,
+            "privacy.local-dp: needs training.proximal-mu 0 (Opacus privatizes per-sample gradients only)",
+        ),
+        (cfg.privacy.target_epsilon > 0, "privacy.target-epsilon: must be > 0"),
+        (cfg.privacy.noise_multiplier >= 0, "privacy.noise-multiplier: must be >= 0 (0 = calibrate from target-epsilon)"),
+        (0 < cfg.privacy.delta < 1, "privacy.delta: must be in (0, 1), typically below 1 / number of cells"),
+        (cfg.privacy.max_grad_norm > 0, "privacy.max-grad-norm: must be > 0"),
+        (cfg.privacy.budget_epsilon >= 0, "privacy.budget-epsilon: must be >= 0 (0 = target-epsilon)"),
+        (cfg.privacy.max_degree >= 0, "privacy.max-degree: must be >= 0 (0 = n-neighbors)"),
+        (cfg.privacy.feature_stats_noise >= 0, "privacy.feature-stats-noise: must be >= 0 (0 = exact aggregates)"),
+        (cfg.privacy.central_noise_multiplier > 0, "privacy.central-noise-multiplier: must be > 0"),
+        (cfg.privacy.central_clipping_norm > 0, "privacy.central-clipping-norm: must be > 0"),
+        (
+            cfg.privacy.central_dp == "none" or cfg.model.batch == "none",
+            "privacy.central-dp: needs model.batch 'none' (per-site decoder weights are summed, not averaged)",
+        ),
+        (
+            not cfg.privacy.secagg or cfg.privacy.central_dp in ("none", "client-fixed"),
+            "privacy.secagg: combine only with central-dp 'client-fixed' (the server never sees a "
+            "single site's update, so it cannot clip it)",
+        ),
+        (
+            not cfg.privacy.secagg or cfg.model.batch == "none",
+            "privacy.secagg: needs model.batch 'none' (per-site decoder weights cannot be summed under masking)",
+        ),
         (cfg.simulation.num_cpus >= 1, "simulation.num-cpus: must be >= 1"),
         (cfg.simulation.cpus_per_client >= 1, "simulation.cpus-per-client: must be >= 1"),
         (

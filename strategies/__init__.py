@@ -1,5 +1,11 @@
 """Federated strategies built on Flower's."""
 
 from fedspatial.strategies.fedavg import SpatialFedAvg
+from fedspatial.strategies.privacy import (
+    PrivacyBudgetGuard,
+    PrivacyBudgetStop,
+    central_dp,
+    central_dp_epsilon,
+)
 
-__all__ = ["SpatialFedAvg"]
+__all__ = ["PrivacyBudgetGuard", "PrivacyBudgetStop", "SpatialFedAvg", "central_dp", "central_dp_epsilon"]

@@ -63,3 +63,25 @@ def test_saved_run_config_reloads(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"privacy": {"delta": 0}}, "privacy.delta: must be in (0, 1)"),
+        ({"privacy": {"on-exhausted": "pause"}}, "choose one of ['stop', 'continue']"),
+        ({"privacy": {"central-dp": "server"}}, "central-dp"),
+        ({"privacy": {"secagg": True, "central-dp": "server-fixed"}}, "privacy.secagg: combine only with central-dp 'client-fixed'"),
+        ({"privacy": {"max-grad-norm": 0}}, "privacy.max-grad-norm: must be > 0"),
+        ({"privacy": {"local-dp": True}, "training": {"proximal-mu": 0.1}}, "privacy.local-dp: needs training.proximal-mu 0"),
+    ],
+)
+def test_privacy_values_name_the_key(raw, needle):
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_dict(raw)
+    assert needle in str(err.value)
+
+
+def test_privacy_keys_in_run_config():
+    flat = ExperimentConfig.from_dict({"privacy": {"local-dp": True, "target-epsilon": 4}}).to_run_config()
+    assert flat["local-dp"] is True and flat["target-epsilon"] == 4.0 and flat["central-dp"] == "none"

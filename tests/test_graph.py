@@ -260,3 +260,19 @@ def test_spatial_neighbors_errors():
         spatial_neighbors(adata, library_key="missing")
     with pytest.raises(ValueError, match="requires a radius"):
         spatial_neighbors(adata, method="radius")
+
+
+def test_bound_in_degree_on_a_line():
+    from fedspatial.shared.graph import bound_in_degree, in_degree
+
+    coords = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]])
+    nb = knn_neighbors(coords, 2)
+    assert nb.tolist() == [[1, 2], [0, 2], [1, 3], [2, 4], [3, 2]]
+    assert in_degree(nb).tolist() == [1, 2, 4, 2, 1]
+    # Point 2 keeps the lists where it ranks nearest (3: first; then 0 before 1 and 4).
+    bounded = bound_in_degree(nb, 2)
+    assert bounded.tolist() == [[1, 2], [0, -1], [1, 3], [2, 4], [3, -1]]
+    assert in_degree(bounded).max() == 2
+    assert bound_in_degree(nb, 4).tolist() == nb.tolist()
+    with pytest.raises(ValueError, match="max_in_degree"):
+        bound_in_degree(nb, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 
 import anndata as ad
@@ -18,8 +19,20 @@ pytestmark = pytest.mark.flower
 
 
 def _ray_processes() -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {int(line.split()[0]) for line in out.splitlines()[1:] if "ray::" in line or "raylet" in line or "gcs_server" in line}
+    """Ray processes started by this test process (other jobs on the machine may run Ray too)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+    ours, todo = set(), [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in ours:
+                ours.add(child)
+                todo.append(child)
+    ray = ("ray::", "raylet", "gcs_server")
+    return {int(pid) for pid, _, args in rows if int(pid) in ours and any(r in args for r in ray)}
 
 
 @pytest.fixture(scope="module")

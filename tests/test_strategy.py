@@ -62,3 +62,42 @@ def test_round_offset_on_resume():
     arrays = ArrayRecord({"w": Array(np.zeros(1))})
     (msg,) = strategy.configure_train(1, arrays, ConfigRecord({}), _Grid([7]))
     assert msg.content["config"]["server-round"] == 6
+
+
+def _refusal(request, reason):
+    from flwr.app import Error
+
+    from fedspatial.shared.privacy import PRIVACY_BUDGET_ERROR
+
+    return Message(Error(code=PRIVACY_BUDGET_ERROR, reason=reason), reply_to=request)
+
+
+def test_budget_guard_stops_or_continues_without_the_refusing_site():
+    from fedspatial.strategies import PrivacyBudgetGuard, PrivacyBudgetStop
+
+    arrays = ArrayRecord({"w": Array(np.zeros(2))})
+    for mode in ("stop", "continue"):
+        inner = SpatialFedAvg(min_available_nodes=2, min_train_nodes=2)
+        guard = PrivacyBudgetGuard(inner, on_exhausted=mode)
+        sent = {m.metadata.dst_node_id: m for m in guard.configure_train(1, arrays, ConfigRecord({}), _Grid([1, 2]))}
+        replies = [_reply(sent[1], {"w": np.array([2.0, 2.0])}, 1), _refusal(sent[2], "privacy budget exhausted at site b")]
+        if mode == "stop":
+            with pytest.raises(PrivacyBudgetStop, match="site b") as err:
+                guard.aggregate_train(1, replies)
+            assert err.value.server_round == 1 and not inner.history  # the round is not aggregated
+        else:
+            out, _ = guard.aggregate_train(1, replies)
+            assert np.allclose(out["w"].numpy(), [2.0, 2.0]) and inner.history[0]["n-sites"] == 1
+        assert list(guard.refusals[1].values()) == ["privacy budget exhausted at site b"]
+
+
+def test_central_dp_wrappers_and_client_level_epsilon():
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideAdaptiveClipping
+
+    from fedspatial.strategies import central_dp, central_dp_epsilon
+
+    wrapped = central_dp(SpatialFedAvg(), "client-adaptive", noise_multiplier=1.0, clipping_norm=0.5, n_sites=3)
+    assert isinstance(wrapped, DifferentialPrivacyClientSideAdaptiveClipping) and wrapped.clipping_norm == 0.5
+    with pytest.raises(ValueError, match="unknown central-dp"):
+        central_dp(SpatialFedAvg(), "local", noise_multiplier=1.0, clipping_norm=1.0, n_sites=3)
+    assert 0 < central_dp_epsilon(1.0, 10, 1e-5) < central_dp_epsilon(1.0, 30, 1e-5)
