@@ -1,0 +1,359 @@
+"""Real-data benchmark: human DLPFC Visium sections (Maynard et al. 2021) as hospitals.
+
+Two federations, each run federated, local-only and centralized through Flower's
+simulation runtime with the same config (``configs/dlpfc.yaml``), for 3 seeds:
+
+1. four hospitals: sections 151673-151676 (donor 3), one section each;
+2. mixed panels: the same four plus 151510 (donor 1, a 500-gene panel) as a fifth
+   hospital; the federation harmonizes to the genes every site has (``var["gene_ids"]``).
+
+Plus a non-spatial baseline: per section, log-normalize, top 3,000 variable genes,
+PCA (30), k-means (K = 7); and the same on the pooled sections for a joint score.
+Scores are ARI / NMI against the manual layers on labelled spots. Writes
+``benchmarks/results/dlpfc.md``, ``dlpfc.json`` and ``dlpfc_domains.png``.
+
+    python benchmarks/dlpfc.py [--data ../shared/data/dlpfc] [--seeds 0,1,2]
+
+The data folder may also be given by ``FEDSPATIAL_DLPFC``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FOUR = ("151673", "151674", "151675", "151676")
+OTHER_DONOR = "151510"
+MODES = ("federated", "local", "centralized")
+logger = logging.getLogger("dlpfc")
+
+
+def write_manifest(data: Path, sections: tuple[str, ...], path: Path) -> Path:
+    """One hospital (SuperNode) per section."""
+    nodes = [{"name": s, "sites": [{"name": s, "data-path": str((data / f"{s}.h5ad").resolve())}]} for s in sections]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"nodes": nodes}, indent=2))
+    return path
+
+
+# ----------------------------------------------------------------- non-spatial baseline
+def pca_kmeans(data: Path, sections: tuple[str, ...], seed: int) -> dict[str, Any]:
+    """Log-normalize, top 3,000 HVGs (scanpy, seurat flavour), PCA 30, k-means 7: per
+    section, and once on the pooled sections (genes shared by all) for a joint score."""
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    def cluster(adata: ad.AnnData) -> np.ndarray:
+        adata = adata.copy()
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+        sc.pp.highly_variable_genes(adata, n_top_genes=min(3000, adata.n_vars - 1), subset=True)
+        sc.pp.pca(adata, n_comps=30, random_state=seed)
+        return KMeans(7, n_init=10, random_state=seed).fit_predict(adata.obsm["X_pca"])
+
+    out: dict[str, Any] = {"section_ari": {}, "section_nmi": {}}
+    adatas = {s: ad.read_h5ad(data / f"{s}.h5ad") for s in sections}
+    for s, a in adatas.items():
+        a.var_names = a.var["gene_ids"].astype(str).to_numpy()
+        pred = cluster(a)
+        m = a.obs["domain"].notna().to_numpy()
+        y = a.obs["domain"].astype(str).to_numpy()[m]
+        out["section_ari"][s] = float(adjusted_rand_score(y, pred[m]))
+        out["section_nmi"][s] = float(normalized_mutual_info_score(y, pred[m]))
+    pooled = ad.concat(list(adatas.values()), join="inner", label="section", keys=list(adatas))
+    pred = cluster(pooled)
+    m = pooled.obs["domain"].notna().to_numpy()
+    out["joint_ari"] = float(adjusted_rand_score(pooled.obs["domain"].astype(str).to_numpy()[m], pred[m]))
+    return out
+
+
+# ----------------------------------------------------------------- peak memory per site
+SITE_PROBE = r"""
+import json, resource, sys, torch
+from fedspatial.shared.config import load_config
+from fedspatial.shared.site import SiteSource, load_site_sections, prepare_graph_data
+from fedspatial.shared.features import compute_feature_stats, build_feature_space, feature_names
+from fedspatial.shared.models import GATAutoencoder
+from fedspatial.shared.pca import federated_pca
+from fedspatial.shared.training import GraphData, train_epochs, embed
+a = json.loads(sys.argv[1])
+cfg = load_config(a["config"])
+sections = load_site_sections([SiteSource(a["name"], a["path"])])
+fk = cfg.data.feature_key or None
+feats = feature_names(sections[0].adata, fk)
+stats = compute_feature_stats([s.adata for s in sections], feats, feature_key=fk)
+space = build_feature_space(stats, n_top_features=min(cfg.features.n_top_features, len(feats)), target_sum=1e4, feature_key=fk)
+data = prepare_graph_data(sections, space, n_neighbors=cfg.neighbors.n_neighbors)
+if cfg.features.n_pcs:
+    basis = federated_pca([data.x.numpy()], cfg.features.n_pcs)
+    data = GraphData(torch.from_numpy(basis.transform(data.x.numpy())), data.neighbors, data.sections)
+model = GATAutoencoder(data.x.shape[1], cfg.model.hidden_dim, cfg.model.latent_dim)
+train_epochs(model, data, epochs=cfg.training.local_epochs, batch_size=cfg.training.batch_size)
+embed(model, data)
+print(json.dumps({"cells": data.n_cells, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def site_peak_memory(data: Path, sections: tuple[str, ...], config: str) -> dict[str, dict[str, float]]:
+    out = {}
+    for s in sections:
+        probe = {"name": s, "path": str(data / f"{s}.h5ad"), "config": config}
+        res = subprocess.run([sys.executable, "-c", SITE_PROBE, json.dumps(probe)], capture_output=True, text=True, check=True)
+        out[s] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+# ----------------------------------------------------------------- federated runs
+def section_scores(run_dir: Path, mode: str) -> dict[str, dict[str, float]]:
+    """ARI and NMI per section from the mode's metrics.json file(s)."""
+    scores: dict[str, dict[str, float]] = {}
+    for path in sorted((run_dir / mode).rglob("metrics.json")):
+        for key, sec in json.loads(path.read_text())["sections"].items():
+            scores[key.split("/")[-1]] = {"ari": sec["ari"], "nmi": sec["nmi"]}
+    return scores
+
+
+def run_federation(
+    name: str, sections: tuple[str, ...], args: argparse.Namespace, work: Path, seeds: list[int]
+) -> dict[str, Any]:
+    from fedspatial.server.simulate import simulate
+    from fedspatial.shared.config import load_config
+
+    data = Path(args.data)
+    manifest = write_manifest(data, sections, work / name / "federation.json")
+    per_seed: list[dict[str, Any]] = []
+    for seed in seeds:
+        run_name = f"{name}-seed{seed}"
+        if (work / run_name).exists():
+            shutil.rmtree(work / run_name)
+        overrides: dict[str, Any] = {
+            "run-name": run_name, "results-dir": str(work), "seed": seed, "data.manifest": str(manifest),
+        }
+        if args.rounds:
+            overrides["training.num-rounds"] = args.rounds
+        cfg = load_config(args.config, overrides)
+        results = simulate(cfg)
+        entry: dict[str, Any] = {"seed": seed, "modes": {}}
+        for mode in MODES:
+            r = results[mode]
+            scores = section_scores(work / run_name, mode)
+            entry["modes"][mode] = {
+                "joint_ari": r["joint_ari"],
+                "median_ari": float(np.median([scores[s]["ari"] for s in sections])),
+                "median_ari_donor3": float(np.median([scores[s]["ari"] for s in sections if s in FOUR])),
+                "section_ari": {s: scores[s]["ari"] for s in sections},
+                "section_nmi": {s: scores[s]["nmi"] for s in sections},
+                "wall_s": r["wall_s"],
+                "seconds_per_round": r["seconds_per_round"],
+                "bytes_per_round": r["bytes_per_round"],
+            }
+        base = pca_kmeans(data, sections, seed)
+        entry["modes"]["pca_kmeans"] = {
+            "joint_ari": base["joint_ari"],
+            "median_ari": float(np.median(list(base["section_ari"].values()))),
+            "median_ari_donor3": float(np.median([base["section_ari"][s] for s in sections if s in FOUR])),
+            "section_ari": base["section_ari"],
+            "section_nmi": base["section_nmi"],
+        }
+        per_seed.append(entry)
+        logger.info("%s seed %d: %s", name, seed, {m: round(v["median_ari"], 3) for m, v in entry["modes"].items()})
+    with open(work / name / "per_seed.json", "w") as fh:
+        json.dump(per_seed, fh, indent=2)
+    return {"sections": sections, "per_seed": per_seed, "run_dir": work / f"{name}-seed{seeds[0]}", "seeds": seeds}
+
+
+def median_over_seeds(per_seed: list[dict[str, Any]], mode: str, key: str) -> float:
+    return float(statistics.median(e["modes"][mode][key] for e in per_seed))
+
+
+def figures(fed: dict[str, Any]) -> dict[str, Any]:
+    ps = fed["per_seed"]
+    all_modes = (*MODES, "pca_kmeans")
+    return {
+        "median_ari": {m: round(median_over_seeds(ps, m, "median_ari"), 4) for m in all_modes},
+        "joint_ari": {m: round(median_over_seeds(ps, m, "joint_ari"), 4) for m in all_modes},
+        "wall_s": {m: round(median_over_seeds(ps, m, "wall_s"), 1) for m in MODES},
+    }
+
+
+# ----------------------------------------------------------------- plot
+def plot_domains(fed: dict[str, Any], data: Path, path: Path) -> None:
+    """Manual layers next to each mode's domains (seed 0), one row per section; domain
+    colours matched to layers (Hungarian) so the panels read alike."""
+    import anndata as ad
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from fedspatial.shared.plots import matched_colours
+
+    sections = fed["sections"]
+    run_dir: Path = fed["run_dir"]
+    cols = ["manual layers", *MODES]
+    fig, axes = plt.subplots(len(sections), len(cols), figsize=(3.0 * len(cols), 3.0 * len(sections)), squeeze=False)
+    for i, s in enumerate(sections):
+        truth = ad.read_h5ad(data / f"{s}.h5ad").obs["domain"]
+        for j, col in enumerate(cols):
+            ax = axes[i][j]
+            if col == "manual layers":
+                found = next((run_dir / "federated").rglob(f"*__{s}.h5ad"))
+                a = ad.read_h5ad(found)
+                _, lab_col = matched_colours(a.obs["fedspatial_domain"], truth)
+                values, colours = truth.astype(object), lab_col
+            else:
+                a = ad.read_h5ad(next((run_dir / col).rglob(f"*__{s}.h5ad")))
+                dom = a.obs["fedspatial_domain"].astype(str)
+                colours, _ = matched_colours(dom, truth)
+                values = dom
+            xy = np.asarray(a.obsm["spatial"])[:, :2]
+            c = [colours.get(str(v), (0.85, 0.85, 0.85, 1.0)) if pd.notna(v) else (0.85, 0.85, 0.85, 1.0) for v in values]
+            ax.scatter(xy[:, 0], -xy[:, 1], c=c, s=2.0, linewidths=0)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col)
+            if j == 0:
+                ax.set_ylabel(s)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_data = os.environ.get("FEDSPATIAL_DLPFC", str(ROOT.parent / "shared" / "data" / "dlpfc"))
+    parser.add_argument("--data", default=default_data, help="folder with 151510.h5ad, 151673-151676.h5ad")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "dlpfc.yaml"))
+    parser.add_argument("--seeds", default="0,1,2", type=lambda v: [int(x) for x in v.split(",")])
+    parser.add_argument(
+        "--mixed-seeds", default=None, type=lambda v: [int(x) for x in v.split(",")],
+        help="seeds of the mixed-panel federation (default: --seeds)",
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="override training.num-rounds (0: config)")
+    parser.add_argument("--federations", default="four,mixed")
+    parser.add_argument("--work", default=str(HERE / ".work" / "dlpfc"))
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("flwr").propagate = False
+    data = Path(args.data)
+    missing = [s for s in (*FOUR, OTHER_DONOR) if not (data / f"{s}.h5ad").is_file()]
+    if missing:
+        print(f"DLPFC data not found in {data} (missing {', '.join(missing)}.h5ad): pass --data or set FEDSPATIAL_DLPFC", file=sys.stderr)
+        return 2
+    work = Path(args.work)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    feds = {}
+    wanted = args.federations.split(",")
+    if "four" in wanted:
+        feds["four"] = run_federation("four", FOUR, args, work, args.seeds)
+    if "mixed" in wanted:
+        feds["mixed"] = run_federation("mixed", (*FOUR, OTHER_DONOR), args, work, args.mixed_seeds or args.seeds)
+    memory = site_peak_memory(data, (*FOUR, OTHER_DONOR), args.config)
+    total = time.perf_counter() - t0
+
+    result: dict[str, Any] = {}
+    if "four" in feds:
+        result.update(figures(feds["four"]))
+    if "mixed" in feds:
+        result["mixed_panel"] = figures(feds["mixed"])
+    (out / "dlpfc.json").write_text(json.dumps(result, indent=2) + "\n")
+    if "four" in feds:
+        plot_domains(feds["four"], data, out / "dlpfc_domains.png")
+    if "mixed" in feds:
+        plot_domains(feds["mixed"], data, out / "dlpfc_mixed_domains.png")
+    report = markdown(feds, memory, args, total)
+    (out / "dlpfc.md").write_text(report)
+    print(report)
+    return 0
+
+
+def markdown(feds: dict[str, Any], memory: dict[str, Any], args: argparse.Namespace, total: float) -> str:
+    from fedspatial.shared.config import load_config
+
+    cfg = load_config(args.config)
+    lines = [
+        "# DLPFC benchmark: Visium sections as hospitals",
+        "",
+        "Data: human DLPFC (Maynard et al. 2021), manual layers `obs[\"domain\"]` (Layer1-6, WM); "
+        "scores on labelled spots, K = 7 domains. Config `configs/dlpfc.yaml` "
+        f"({cfg.training.num_rounds} rounds x {cfg.training.local_epochs} local epochs, "
+        f"{cfg.features.n_top_features} HVGs -> {cfg.features.n_pcs} federated PCs, "
+        f"{cfg.neighbors.n_neighbors} spatial neighbours, mixture `{cfg.clustering.mixture}`), the same for every mode, "
+        "figures are medians over the seeds named in each section.",
+        f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPU cores, CPU only. Whole benchmark {total / 60:.1f} min. "
+        f"Command: `python benchmarks/dlpfc.py {' '.join(sys.argv[1:])}`.",
+        "",
+    ]
+    titles = {"four": "Four hospitals (151673-151676, donor 3)", "mixed": "Mixed panels (+ 151510, donor 1, 500 genes)"}
+    for name, fed in feds.items():
+        ps = fed["per_seed"]
+        f = figures(fed)
+        lines += [f"## {titles[name]}", "", f"Seeds: {', '.join(map(str, fed['seeds']))}.", ""]
+        run_dir: Path = fed["run_dir"]
+        meta = json.loads((run_dir / "federated" / "metrics.json").read_text())
+        lines.append(
+            f"Shared genes (matched on `var[\"gene_ids\"]`): {meta.get('n-features-shared')}; "
+            f"selected: {meta.get('n-features-selected')}."
+        )
+        lines += [
+            "",
+            "| mode | median ARI | median ARI (donor 3) | joint ARI | wall s | s/round | bytes/round |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for mode in (*MODES, "pca_kmeans"):
+            wall = f"{f['wall_s'][mode]:.1f}" if mode in MODES else "-"
+            spr = f"{median_over_seeds(ps, mode, 'seconds_per_round'):.2f}" if mode in MODES else "-"
+            bpr = f"{median_over_seeds(ps, mode, 'bytes_per_round'):,.0f}" if mode in MODES else "-"
+            lines.append(
+                f"| {mode} | {f['median_ari'][mode]:.3f} | {median_over_seeds(ps, mode, 'median_ari_donor3'):.3f} | "
+                f"{f['joint_ari'][mode]:.3f} | {wall} | {spr} | {bpr} |"
+            )
+        lines += ["", "Per section (median over seeds), ARI / NMI:", ""]
+        cols = (*MODES, "pca_kmeans")
+        lines += ["| section | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+        for s in fed["sections"]:
+            cells = []
+            for mode in cols:
+                a = statistics.median(e["modes"][mode]["section_ari"][s] for e in ps)
+                n = statistics.median(e["modes"][mode]["section_nmi"][s] for e in ps)
+                cells.append(f"{a:.3f} / {n:.3f}")
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines += ["", "Per seed, median section ARI:", "", "| seed | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+        for e in ps:
+            lines.append(f"| {e['seed']} | " + " | ".join(f"{e['modes'][m]['median_ari']:.3f}" for m in cols) + " |")
+        png = "dlpfc_domains.png" if name == "four" else "dlpfc_mixed_domains.png"
+        lines += ["", f"![predicted vs manual layers]({png})", ""]
+    lines += ["## Peak memory per site", "", "Fresh process per site: load, harmonize, graph, PCA, one round of training, embed.", "",
+              "| site | spots | peak RSS MiB |", "| --- | --- | --- |"]
+    lines += [f"| {s} | {m['cells']:,} | {m['peak_rss_mb']:.0f} |" for s, m in memory.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
