@@ -5,7 +5,8 @@ Each handler reads its inputs from the message, calls plain functions from
 aggregates or metrics only; no per-cell data ever leaves the site.
 
 Message types: ``query.describe``, ``query.feature_stats``, ``query.setup``, ``train``, ``evaluate``,
-``query.pca``, ``query.embed``, ``query.cluster_stats``, ``query.mixture``, ``query.finalize``.
+``query.pca``, ``query.embed``, ``query.harmony``, ``query.cluster_stats``, ``query.mixture``,
+``query.finalize``.
 """
 
 from __future__ import annotations
@@ -216,6 +217,19 @@ def mixture(msg: Message, context: Context) -> Message:
     covariance_type = str(msg.content["config"]["covariance-type"])
     stats = site.mixture_stats(record_arrays(msg.content["arrays"]), covariance_type, context)
     return _reply(msg, arrays=arrays_record(stats.to_arrays()), metrics={"num-examples": site.n_cells})
+
+
+@app.query("harmony")
+def harmony(msg: Message, context: Context) -> Message:
+    """Federated Harmony on the embedding kept at the site: cluster-level sums only
+    (``config["harmony-kind"]`` names the step; see client/harmony_state.py)."""
+    from fedspatial.client.harmony_state import harmony_reply
+
+    site = rt.site_for(msg, context)
+    cfg = msg.content["config"]
+    arrays = record_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    reply = harmony_reply(site, context, str(cfg["harmony-kind"]), arrays, cfg)
+    return _reply(msg, arrays=arrays_record(reply), metrics={"num-examples": site.n_cells})
 
 
 @app.query("finalize")

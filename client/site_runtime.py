@@ -434,7 +434,10 @@ class SiteRuntime:
         mixture_arrays: dict[str, np.ndarray] | None = None,
     ) -> tuple[str, dict[str, np.ndarray]]:
         """Domains, confidence, outputs written at the site; returns (report JSON, arrays)."""
+        from fedspatial.client.harmony_state import uncorrected_embedding  # local: circular import
+
         z = self._embedding(context)
+        before = uncorrected_embedding(context)  # set when federated Harmony corrected z
         data = self.graph_data(setup)
         mixture = str(cfg.get("mixture", "none"))
         if mixture != "none":  # centroids are then the mixture's means, sent with its other parameters
@@ -460,6 +463,8 @@ class SiteRuntime:
             conf = posterior[start:stop][np.arange(stop - start), dom]
             annotated = section.adata.copy()
             annotated.obsm["X_fedspatial"] = z[start:stop]
+            if before is not None:
+                annotated.obsm["X_fedspatial_uncorrected"] = before[start:stop]
             annotated.obs["fedspatial_domain"] = _domain_categorical(dom, len(centroids))
             annotated.obs["fedspatial_confidence"] = conf.astype(np.float32)
             annotated.uns["fedspatial"] = {"run": run_name, "n_domains": len(centroids), "refine": refine}

@@ -32,6 +32,7 @@ from fedspatial.client.payload import (
     record_arrays,
 )
 from fedspatial.server.analysis_rounds import federated_mixture_rounds, federated_pca_rounds
+from fedspatial.server.harmony_rounds import federated_harmony_rounds
 from fedspatial.server.messaging import SiteGroup, ask, wait_for_nodes
 from fedspatial.server.report import write_run_report
 from fedspatial.server.run_store import RunStore
@@ -221,6 +222,17 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     proposals = ask(sites, sites.nodes, "embed", config={**base_config, "n-domains": k}, arrays=arrays, names=names)
     # Sorted by site name so that the initialization does not depend on reply order.
     props = {n: record_arrays(proposals[n]["arrays"]) for n in sorted(proposals, key=names.__getitem__)}
+    harmony: dict[str, Any] = {}
+    if cfg.clustering.harmony != "none":
+        # Correct the embeddings at the sites, then cluster the corrected ones.
+        c = cfg.clustering
+        harmony = federated_harmony_rounds(
+            sites, sites.nodes, names, common,
+            batches=batch_names(c.harmony, [desc[n]["config"] for n in sites.nodes]), batch=c.harmony,
+            seed=cfg.seed, n_clusters=c.harmony_clusters or None, n_domains=k,
+            theta=c.harmony_theta, sigma=c.harmony_sigma, max_iter_harmony=c.harmony_max_iter,
+        )
+        props = harmony.pop("proposals")
     init = clustering.init_from_site_centroids(
         [p["centroids"] for p in props.values()], [p["counts"] for p in props.values()], k, seed=cfg.seed
     )
@@ -280,6 +292,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
             "kmeans-iterations": kmeans.n_iter,
             "mixture": cfg.clustering.mixture,
             "mixture-iterations": mixture_iterations,
+            "harmony": {key: v for key, v in harmony.items() if key != "objective"},
             "n-pcs": cfg.features.n_pcs,
             "kmeans-inertia": final_stats.inertia,
             "train-seconds": train_seconds,

@@ -181,5 +181,13 @@ def simulate(cfg: ExperimentConfig, *, modes: list[str] | None = None, resume: b
                 report = run_one(cfg, run_dir, sim_name, nodes, resume=resume)
             reports.append(report)
         results[mode] = _mode_result(reports)
+        if mode != "local":  # local runs have no joint embedding to assess
+            from fedspatial.server.integration_report import write_integration_report
+
+            c = cfg.clustering
+            write_integration_report(
+                run_dir / mode, batch_key=c.harmony if c.harmony != "none" else "site",
+                label_key=cfg.data.label_key, seed=cfg.seed, layout="pca",
+            )
     write_comparison(run_dir, results)
     return results

@@ -97,6 +97,16 @@ class ClusteringConfig:
     "tied" (one shared covariance, mclust EEE as STAGATE/GraphST use), "full", or
     "none" (k-means domains)."""
     mixture_max_iter: int = 100
+    harmony: Literal["none", "section", "site"] = "none"
+    """Federated Harmony on the embeddings before clustering, with sections (or sites)
+    as batches; the server sees cluster-level sums only."""
+    harmony_theta: float = 2.0
+    """Diversity penalty (harmonypy's theta)."""
+    harmony_sigma: float = 0.1
+    """Soft-clustering width (harmonypy's sigma)."""
+    harmony_clusters: int = 0
+    """Harmony's clusters; 0: harmonypy's min(round(N / 30), 100)."""
+    harmony_max_iter: int = 10
 
 
 @dataclass
@@ -248,6 +258,10 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.clustering.kmeans_max_iter >= 1, "clustering.kmeans-max-iter: must be >= 1"),
         (cfg.clustering.kmeans_tol >= 0, "clustering.kmeans-tol: must be >= 0"),
         (cfg.clustering.mixture_max_iter >= 1, "clustering.mixture-max-iter: must be >= 1"),
+        (cfg.clustering.harmony_theta >= 0, "clustering.harmony-theta: must be >= 0"),
+        (cfg.clustering.harmony_sigma > 0, "clustering.harmony-sigma: must be > 0"),
+        (cfg.clustering.harmony_clusters >= 0, "clustering.harmony-clusters: must be >= 0 (0 = harmonypy's default)"),
+        (cfg.clustering.harmony_max_iter >= 1, "clustering.harmony-max-iter: must be >= 1"),
         (cfg.features.n_pcs >= 0, "features.n-pcs: must be >= 0 (0 = no PCA)"),
         (
             not (cfg.privacy.local_dp and cfg.features.n_pcs),
