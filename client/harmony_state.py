@@ -38,9 +38,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 
-from fedspatial.client.payload import config_number
+from fedspatial.client.payload import arrays_record, config_number, record_arrays
 from fedspatial.client.site_runtime import EMBEDDING_KEY
 from fedspatial.shared import clustering
 from fedspatial.shared.harmony import COUNTS, HarmonySite, cosine_normalize
@@ -80,9 +80,7 @@ class HarmonyDataSite(Protocol):
 # ------------------------------------------------------------------- state round trip
 def save_harmony_site(context: Context, site: HarmonySite, *, prefix: str = HARMONY_PREFIX) -> None:
     """Keep ``site`` in ``context.state`` (``<prefix>-arrays`` and ``<prefix>-config``)."""
-    context.state[f"{prefix}-arrays"] = ArrayRecord(
-        {name.lstrip("_"): Array(np.ascontiguousarray(getattr(site, name))) for name in _ARRAYS}
-    )
+    context.state[f"{prefix}-arrays"] = arrays_record({name.lstrip("_"): getattr(site, name) for name in _ARRAYS})
     context.state[f"{prefix}-config"] = ConfigRecord({"n-batches": int(site._n_batches)})
 
 
@@ -97,7 +95,7 @@ def load_harmony_site(context: Context, *, prefix: str = HARMONY_PREFIX) -> Harm
             "no federated Harmony state at this site: the server must start with the "
             f"{LOAD!r} step (the node may have restarted mid-run)"
         )
-    arrays = {k: v.numpy() for k, v in context.state.array_records[f"{prefix}-arrays"].items()}
+    arrays = record_arrays(context.state.array_records[f"{prefix}-arrays"])
     site = HarmonySite(arrays["Z_orig"], arrays["batches"])
     for name in _ARRAYS:
         setattr(site, name, np.array(arrays[name.lstrip("_")], copy=True))
@@ -234,9 +232,7 @@ def _store(site: HarmonyDataSite, context: Context, config: ConfigRecord | Mappi
     """Make the corrected embedding the site's embedding (the uncorrected one kept
     beside it), drop the Harmony state and propose k-means centroids for the domains."""
     harmony = load_harmony_site(context)
-    context.state[EMBEDDING_KEY] = ArrayRecord(
-        {"z": Array(np.ascontiguousarray(harmony.corrected)), UNCORRECTED: Array(np.ascontiguousarray(harmony.Z_orig))}
-    )
+    context.state[EMBEDDING_KEY] = arrays_record({"z": harmony.corrected, UNCORRECTED: harmony.Z_orig})
     clear_harmony_site(context)
     logger.info("federated Harmony: corrected embedding of %d cells stored", harmony.n_cells)
     n_domains = int(config_number(config, "harmony-n-domains", 0))

@@ -22,9 +22,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from fedspatial.client.data_source import NodeData, resolve_node_data
 from fedspatial.client.payload import (
+    arrays_record,
     config_number,
     feature_space_from_config,
     feature_space_to_config,
+    record_arrays,
 )
 from fedspatial.shared import clustering, metrics
 from fedspatial.shared.atomic import write_atomic
@@ -131,17 +133,13 @@ def setup_of(context: Context) -> SiteSetup:
         raise RuntimeError("this site has no feature space yet: the server must send query.setup first")
     record = context.state.config_records[SPACE_KEY]
     batches = record.get("batches") or []
-    pca = PCABasis.from_arrays(_numpy_record(context.state[PCA_KEY])) if PCA_KEY in context.state else None
+    pca = PCABasis.from_arrays(record_arrays(context.state.array_records[PCA_KEY])) if PCA_KEY in context.state else None
     return SiteSetup(feature_space_from_config(record), tuple(str(b) for b in batches), pca)  # type: ignore[union-attr]
 
 
 def store_pca(context: Context, basis: PCABasis) -> None:
     """Keep the federation's PCA basis in the node's state for the rest of the run."""
-    context.state[PCA_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in basis.to_arrays().items()})
-
-
-def _numpy_record(record: Any) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    context.state[PCA_KEY] = arrays_record(basis.to_arrays())
 
 
 def round_seed(context: Context, cfg: ConfigRecord) -> int:
