@@ -130,8 +130,16 @@ def section_scores(run_dir: Path, mode: str) -> dict[str, dict[str, float]]:
 
 
 def run_federation(
-    name: str, sections: tuple[str, ...], args: argparse.Namespace, work: Path, seeds: list[int]
+    name: str,
+    sections: tuple[str, ...],
+    args: argparse.Namespace,
+    work: Path,
+    seeds: list[int],
+    local_from: str | None = None,
 ) -> dict[str, Any]:
+    """Every mode of one federation for each seed. ``local_from`` names a federation run
+    earlier in this invocation whose local-only runs are reused for the sites both share:
+    a site alone sees only its own section, so its local run is the same computation."""
     from fedspatial.server.simulate import simulate
     from fedspatial.shared.config import load_config
 
@@ -148,8 +156,16 @@ def run_federation(
         if args.rounds:
             overrides["training.num-rounds"] = args.rounds
         cfg = load_config(args.config, overrides)
-        results = simulate(cfg)
-        entry: dict[str, Any] = {"seed": seed, "modes": {}}
+        reused = []
+        if local_from is not None:
+            for s in sections:
+                src = work / f"{local_from}-seed{seed}" / "local" / s
+                if (src / "metrics.json").is_file():
+                    shutil.copytree(src, work / run_name / "local" / s)
+                    reused.append(s)
+        # resume=True only skips the local runs copied above; the other modes start afresh
+        results = simulate(cfg, resume=bool(reused))
+        entry: dict[str, Any] = {"seed": seed, "modes": {}, "local_reused": reused}
         for mode in MODES:
             r = results[mode]
             scores = section_scores(work / run_name, mode)
@@ -175,7 +191,10 @@ def run_federation(
         logger.info("%s seed %d: %s", name, seed, {m: round(v["median_ari"], 3) for m, v in entry["modes"].items()})
     with open(work / name / "per_seed.json", "w") as fh:
         json.dump(per_seed, fh, indent=2)
-    return {"sections": sections, "per_seed": per_seed, "run_dir": work / f"{name}-seed{seeds[0]}", "seeds": seeds}
+    return {
+        "sections": sections, "per_seed": per_seed, "run_dir": work / f"{name}-seed{seeds[0]}", "seeds": seeds,
+        "local_from": local_from,
+    }
 
 
 def median_over_seeds(per_seed: list[dict[str, Any]], mode: str, key: str) -> float:
@@ -272,7 +291,9 @@ def main() -> int:
     if "four" in wanted:
         feds["four"] = run_federation("four", FOUR, args, work, args.seeds)
     if "mixed" in wanted:
-        feds["mixed"] = run_federation("mixed", (*FOUR, OTHER_DONOR), args, work, args.mixed_seeds or args.seeds)
+        mixed_seeds = args.mixed_seeds or args.seeds
+        reuse = "four" if "four" in feds and set(mixed_seeds) <= set(args.seeds) else None
+        feds["mixed"] = run_federation("mixed", (*FOUR, OTHER_DONOR), args, work, mixed_seeds, local_from=reuse)
     memory = site_peak_memory(data, (*FOUR, OTHER_DONOR), args.config)
     total = time.perf_counter() - t0
 
@@ -362,9 +383,24 @@ def markdown(feds: dict[str, Any], memory: dict[str, Any], args: argparse.Namesp
         run_dir: Path = fed["run_dir"]
         meta = json.loads((run_dir / "federated" / "metrics.json").read_text())
         lines.append(
-            f"Shared genes (matched on `var[\"gene_ids\"]`): {meta.get('n-features-shared')}; "
+            f"Genes shared by the sections (matched on `var[\"gene_ids\"]`): {meta.get('n-features-shared')}; "
             f"selected: {meta.get('n-features-selected')}."
         )
+        for key, panel in meta.get("mapped-panels", {}).items():
+            lines.append(
+                f"Section {key.split('/')[-1]} holds a small panel ({panel['n-features']} genes, "
+                f"{panel['n-features-shared']} of them among the shared genes), so it does not shrink the "
+                "feature space: its model inputs are predicted from those genes by a ridge regression fitted "
+                "on the other sites' cells (federated sums, `features.small-panel-fraction`); "
+                f"R^2 on the reference cells {panel['r2'][0]:.2f} for PC1, {panel['r2-mean']:.2f} on average "
+                f"over the {len(panel['r2'])} PCs (seed {fed['seeds'][0]})."
+            )
+        if fed.get("local_from"):
+            lines.append(
+                f"Local-only runs of {', '.join(s for s in fed['sections'] if s in FOUR)} are those of the "
+                "four-hospital federation with the same seed (a site alone sees only its own section: "
+                "the same computation); the local wall time sums them."
+            )
         lines += [
             "",
             "| mode | median ARI | median ARI (donor 3) | joint ARI | wall s | s/round | bytes/round |",

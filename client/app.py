@@ -5,7 +5,7 @@ Each handler reads its inputs from the message, calls plain functions from
 aggregates or metrics only; no per-cell data ever leaves the site.
 
 Message types: ``query.describe``, ``query.feature_stats``, ``query.setup``, ``train``, ``evaluate``,
-``query.pca``, ``query.embed``, ``query.harmony``, ``query.cluster_stats``, ``query.mixture``,
+``query.pca``, ``query.panel``, ``query.embed``, ``query.harmony``, ``query.cluster_stats``, ``query.mixture``,
 ``query.finalize``.
 """
 
@@ -35,7 +35,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedspatial.client import site_runtime as rt
-from fedspatial.client.payload import arrays_record, config_number, config_strings, record_arrays
+from fedspatial.client.payload import (
+    arrays_record,
+    chain_arrays,
+    config_number,
+    config_strings,
+    feature_space_from_config,
+    record_arrays,
+    split_chains,
+)
 from fedspatial.shared.privacy import PRIVACY_BUDGET_ERROR, PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
@@ -116,8 +124,9 @@ def feature_stats(msg: Message, context: Context) -> Message:
     """Per-feature sums over the shared features (harmonization input)."""
     site = rt.site_for(msg, context)
     cfg = msg.content["config"]
+    sections = config_strings(cfg, "sections") if "sections" in cfg else None
     stats = site.feature_stats(
-        config_strings(cfg, "features"), target_sum=config_number(cfg, "target-sum"), context=context
+        config_strings(cfg, "features"), target_sum=config_number(cfg, "target-sum"), context=context, sections=sections
     )
     return _reply(msg, arrays=arrays_record(stats.to_arrays()), metrics={"num-examples": stats.n_cells})
 
@@ -127,8 +136,8 @@ def setup(msg: Message, context: Context) -> Message:
     """Keep the federation's feature space at the site for the rest of the run."""
     site = rt.site_for(msg, context)
     rt.store_setup(context, msg.content["config"])
-    data = site.graph_data(rt.setup_of(context))  # prepare now: later rounds reuse it
-    return _reply(msg, metrics={"num-examples": data.n_cells})
+    n_cells = site.prepare(rt.setup_of(context))  # prepare now: later rounds reuse it
+    return _reply(msg, metrics={"num-examples": n_cells})
 
 
 @app.train()
@@ -184,11 +193,14 @@ def embed(msg: Message, context: Context) -> Message:
 
 @app.query("cluster_stats")
 def cluster_stats(msg: Message, context: Context) -> Message:
-    """Per-cluster sums, counts and inertia for the server's centroids."""
+    """Per-cluster sums, counts and inertia for the server's centroids (of every
+    k-means start the server runs side by side, ``name@start`` keys)."""
     site = rt.site_for(msg, context)
-    arrays = record_arrays(msg.content["arrays"])
-    stats = site.cluster_stats(arrays["centroids"], arrays.get("previous"), context)
-    return _reply(msg, arrays=arrays_record(stats.to_arrays()), metrics={"num-examples": site.n_cells})
+    replies = {
+        i: site.cluster_stats(arrays["centroids"], arrays.get("previous"), context).to_arrays()
+        for i, arrays in split_chains(record_arrays(msg.content["arrays"])).items()
+    }
+    return _reply(msg, arrays=arrays_record(chain_arrays(replies)), metrics={"num-examples": site.n_cells})
 
 
 @app.query("pca")
@@ -203,10 +215,28 @@ def pca(msg: Message, context: Context) -> Message:
         from fedspatial.shared.pca import PCABasis
 
         rt.store_pca(context, PCABasis.from_arrays(arrays))
-        data = site.graph_data(rt.setup_of(context))  # project now: later rounds reuse it
-        return _reply(msg, metrics={"num-examples": data.n_cells})
+        n_cells = site.prepare(rt.setup_of(context))  # project now: later rounds reuse it
+        return _reply(msg, metrics={"num-examples": n_cells})
     reply = site.pca_reply(rt.setup_of(context), stage, arrays)
     return _reply(msg, arrays=arrays_record(reply), metrics={"num-examples": site.n_cells})
+
+
+@app.query("panel")
+def panel(msg: Message, context: Context) -> Message:
+    """A small feature panel mapped onto the federation's model inputs: regression sums
+    over this site's reference cells (``stage = moments``), or the fitted map for this
+    site's sections with that panel (``stage = store``)."""
+    from fedspatial.shared.panels import PanelMap
+
+    site = rt.site_for(msg, context)
+    cfg = msg.content["config"]
+    space = feature_space_from_config(cfg)
+    if str(cfg["stage"]) == "store":
+        rt.store_panel_map(context, str(cfg["panel-id"]), space, PanelMap.from_arrays(record_arrays(msg.content["arrays"])))
+        n_cells = site.prepare(rt.setup_of(context))
+        return _reply(msg, metrics={"num-examples": n_cells})
+    moments = site.panel_reply(rt.setup_of(context), space)
+    return _reply(msg, arrays=arrays_record(moments), metrics={"num-examples": int(moments["count"][0])})
 
 
 @app.query("mixture")
@@ -215,8 +245,11 @@ def mixture(msg: Message, context: Context) -> Message:
     server's Gaussian mixture."""
     site = rt.site_for(msg, context)
     covariance_type = str(msg.content["config"]["covariance-type"])
-    stats = site.mixture_stats(record_arrays(msg.content["arrays"]), covariance_type, context)
-    return _reply(msg, arrays=arrays_record(stats.to_arrays()), metrics={"num-examples": site.n_cells})
+    replies = {
+        i: site.mixture_stats(arrays, covariance_type, context).to_arrays()
+        for i, arrays in split_chains(record_arrays(msg.content["arrays"])).items()
+    }
+    return _reply(msg, arrays=arrays_record(chain_arrays(replies)), metrics={"num-examples": site.n_cells})
 
 
 @app.query("harmony")

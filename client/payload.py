@@ -48,3 +48,18 @@ def config_strings(config: ConfigRecord | Mapping[str, object], key: str) -> lis
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"message config entry {key!r} must be a list of strings")
     return [str(v) for v in value]
+
+
+def chain_arrays(chains: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Arrays of several clustering starts run side by side in one message:
+    ``{i: {"centroids": a}}`` -> ``{"centroids@i": a}``."""
+    return {f"{name}@{i}": value for i, arrays in chains.items() for name, value in arrays.items()}
+
+
+def split_chains(arrays: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+    """Inverse of :func:`chain_arrays`; keys without ``@`` belong to start 0."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        name, _, index = key.partition("@")
+        out.setdefault(int(index or 0), {})[name] = value
+    return dict(sorted(out.items()))

@@ -40,6 +40,7 @@ from fedspatial.shared.features import (
 from fedspatial.shared.graph import bound_in_degree
 from fedspatial.shared.mixture import MixtureParams, MixtureStats, site_mixture_stats
 from fedspatial.shared.models import build_model
+from fedspatial.shared.panels import PanelMap, panel_moments
 from fedspatial.shared.pca import PCABasis, site_column_sums, site_power_product, site_rayleigh
 from fedspatial.shared.plots import plot_section_domains
 from fedspatial.shared.privacy import (
@@ -52,7 +53,12 @@ from fedspatial.shared.privacy import (
     noisy_feature_stats,
     plan_round,
 )
-from fedspatial.shared.site import SiteSection, load_site_sections, prepare_graph_data
+from fedspatial.shared.site import (
+    SiteSection,
+    load_site_sections,
+    prepare_graph_data,
+    section_features,
+)
 from fedspatial.shared.training import GraphData, TrainResult, embed, evaluate_loss, train_epochs
 
 logger = logging.getLogger(__name__)
@@ -60,6 +66,7 @@ EMBEDDING_KEY = "fedspatial-embedding"
 SPACE_KEY = "fedspatial-feature-space"
 LEDGER_KEY = "fedspatial-privacy-ledger"
 PCA_KEY = "fedspatial-pca"
+PANEL_KEY = "fedspatial-panel-"
 _CACHE: OrderedDict[tuple[Any, ...], SiteRuntime] = OrderedDict()
 _CACHE_SIZE = 4
 
@@ -108,15 +115,25 @@ class SiteSetup:
     batches: tuple[str, ...] = ()
     pca: PCABasis | None = None
     """Federated PCA basis the model inputs are projected on (``features.n-pcs``)."""
+    mapped: tuple[tuple[str, str], ...] = ()
+    """``(section key, panel id)`` of the federation's sections mapped from a small panel
+    (:mod:`fedspatial.shared.panels`)."""
+    maps: tuple[tuple[str, FeatureSpace, PanelMap], ...] = ()
+    """``(panel id, panel feature space, map to the model inputs)`` received so far."""
 
     @property
-    def key(self) -> tuple[str, tuple[str, ...]]:
-        return self.space.fingerprint(), self.batches
+    def key(self) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]:
+        return self.space.fingerprint(), self.batches, self.mapped
 
     @property
-    def model_key(self) -> tuple[str, tuple[str, ...], str]:
+    def model_key(self) -> tuple[Any, ...]:
         pca = "" if self.pca is None else f"{zlib.crc32(self.pca.components.tobytes()):08x}"
-        return self.space.fingerprint(), self.batches, pca
+        maps = tuple((pid, f"{zlib.crc32(m.coef.tobytes()):08x}") for pid, _, m in self.maps)
+        return self.space.fingerprint(), self.batches, self.mapped, pca, maps
+
+    @property
+    def panel_of(self) -> dict[str, str]:
+        return dict(self.mapped)
 
 
 def store_setup(context: Context, config: ConfigRecord) -> None:
@@ -125,6 +142,7 @@ def store_setup(context: Context, config: ConfigRecord) -> None:
     entries: dict[str, Any] = dict(feature_space_to_config(space))
     if config.get("batches"):  # ConfigRecord cannot hold an empty list
         entries["batches"] = list(config["batches"])  # type: ignore[arg-type]
+    entries["mapped-sections"] = str(config.get("mapped-sections", "{}"))
     context.state[SPACE_KEY] = ConfigRecord(entries)
 
 
@@ -134,12 +152,31 @@ def setup_of(context: Context) -> SiteSetup:
     record = context.state.config_records[SPACE_KEY]
     batches = record.get("batches") or []
     pca = PCABasis.from_arrays(record_arrays(context.state.array_records[PCA_KEY])) if PCA_KEY in context.state else None
-    return SiteSetup(feature_space_from_config(record), tuple(str(b) for b in batches), pca)  # type: ignore[union-attr]
+    mapped = json.loads(str(record.get("mapped-sections", "{}")))
+    maps = tuple(
+        (
+            pid,
+            feature_space_from_config(context.state.config_records[f"{PANEL_KEY}{pid}-space"]),
+            PanelMap.from_arrays(record_arrays(context.state.array_records[f"{PANEL_KEY}{pid}-map"])),
+        )
+        for pid in sorted(set(mapped.values()))
+        if f"{PANEL_KEY}{pid}-map" in context.state
+    )
+    return SiteSetup(
+        feature_space_from_config(record), tuple(str(b) for b in batches), pca,  # type: ignore[union-attr]
+        mapped=tuple(sorted(mapped.items())), maps=maps,
+    )
 
 
 def store_pca(context: Context, basis: PCABasis) -> None:
     """Keep the federation's PCA basis in the node's state for the rest of the run."""
     context.state[PCA_KEY] = arrays_record(basis.to_arrays())
+
+
+def store_panel_map(context: Context, panel_id: str, space: FeatureSpace, panel_map: PanelMap) -> None:
+    """Keep a small panel's standardization and its map to the model inputs for the run."""
+    context.state[f"{PANEL_KEY}{panel_id}-space"] = ConfigRecord(feature_space_to_config(space))  # type: ignore[arg-type]
+    context.state[f"{PANEL_KEY}{panel_id}-map"] = arrays_record(panel_map.to_arrays())
 
 
 def round_seed(context: Context, cfg: ConfigRecord) -> int:
@@ -156,9 +193,9 @@ class SiteRuntime:
     def __init__(self, node: NodeData, cfg: ExperimentConfig) -> None:
         self.node = node
         self.cfg = cfg
-        self._graph: dict[tuple[str, tuple[str, ...]], GraphData] = {}
-        self._model_graph: dict[tuple[str, tuple[str, ...], str], GraphData] = {}
-        self._dp_graph: dict[tuple[str, tuple[str, ...], str], GraphData] = {}
+        self._graph: dict[tuple[Any, ...], GraphData] = {}
+        self._model_graph: dict[tuple[Any, ...], GraphData] = {}
+        self._dp_graph: dict[tuple[Any, ...], GraphData] = {}
 
     @cached_property
     def sections(self) -> list[SiteSection]:
@@ -174,7 +211,6 @@ class SiteRuntime:
 
     def describe(self) -> SiteInfo:
         names = [feature_names(s.adata, self.feature_key) for s in self.sections]
-        shared = [f for f in names[0] if all(f in set(n) for n in names[1:])] if names else []
         labels: set[str] = set()
         label_key = self.cfg.data.label_key
         for s in self.sections:
@@ -187,18 +223,26 @@ class SiteRuntime:
                 "sections": [s.key for s in self.sections],
                 "section-sites": [s.site for s in self.sections],
                 "section-sizes": [int(s.adata.n_obs) for s in self.sections],
-                "features": shared,
+                # JSON: the server may map a section with a small panel instead of intersecting
+                "section-features": json.dumps({s.key: n for s, n in zip(self.sections, names, strict=True)}),
                 "labels": sorted(labels),
             },
         )
 
     def feature_stats(
-        self, features: list[str], *, target_sum: float, context: Context | None = None
+        self,
+        features: list[str],
+        *,
+        target_sum: float,
+        context: Context | None = None,
+        sections: list[str] | None = None,
     ) -> FeatureStats:
-        """Per-feature aggregates; released through the Gaussian mechanism (and charged
-        to the site's ledger) when ``privacy.feature-stats-noise`` > 0."""
+        """Per-feature aggregates (over the named sections only, when given); released
+        through the Gaussian mechanism (and charged to the site's ledger) when
+        ``privacy.feature-stats-noise`` > 0."""
+        chosen = [s for s in self.sections if sections is None or s.key in set(sections)]
         stats = compute_feature_stats(
-            [s.adata for s in self.sections], features, target_sum=target_sum, feature_key=self.feature_key
+            [s.adata for s in chosen], features, target_sum=target_sum, feature_key=self.feature_key
         )
         sigma = self.cfg.privacy.feature_stats_noise
         if sigma <= 0:
@@ -261,9 +305,34 @@ class SiteRuntime:
         """The batch a section belongs to for a batch-aware decoder."""
         return section.site if self.cfg.model.batch == "site" else section.key
 
+    def reference_sections(self, setup: SiteSetup) -> list[SiteSection]:
+        """This site's sections whose features define the federation's space (all of
+        them unless some hold a small panel mapped onto it)."""
+        return [s for s in self.sections if s.key not in setup.panel_of]
+
+    def has_mapped_sections(self, setup: SiteSetup) -> bool:
+        return any(s.key in setup.panel_of for s in self.sections)
+
+    def ready(self, setup: SiteSetup) -> bool:
+        """Whether every section can be turned into model inputs yet (a mapped section
+        needs its panel map first)."""
+        have = {pid for pid, _, _ in setup.maps}
+        return all(setup.panel_of[s.key] in have for s in self.sections if s.key in setup.panel_of)
+
+    def prepare(self, setup: SiteSetup) -> int:
+        """Build (and cache) what later rounds reuse; returns the site's number of cells."""
+        if self.ready(setup):
+            return self.graph_data(setup).n_cells
+        if self.reference_sections(setup):
+            self.feature_graph_data(setup)
+        return self.n_cells
+
     def graph_data(self, setup: SiteSetup) -> GraphData:
         """The model's inputs: standardized features, projected on the federation's PCA
-        basis when there is one."""
+        basis when there is one; a section with a small panel is mapped from its own
+        features (:mod:`fedspatial.shared.panels`)."""
+        if self.has_mapped_sections(setup):
+            return self._mapped_graph_data(setup)
         if setup.pca is None:
             return self.feature_graph_data(setup)
         if setup.model_key not in self._model_graph:
@@ -271,6 +340,35 @@ class SiteRuntime:
             x = torch.from_numpy(setup.pca.transform(base.x.numpy()))
             self._model_graph = {setup.model_key: GraphData(x, base.neighbors, base.sections, base.batch)}
         return self._model_graph[setup.model_key]
+
+    def _mapped_graph_data(self, setup: SiteSetup) -> GraphData:
+        if not self.ready(setup):
+            raise RuntimeError(f"{self.node.name}: a section's panel map has not arrived yet (the server sends query.panel)")
+        if setup.model_key not in self._model_graph:
+            maps = {pid: (space, m) for pid, space, m in setup.maps}
+            scale = self.cfg.features.scale
+
+            def inputs(section: SiteSection) -> np.ndarray:
+                if section.key in setup.panel_of:
+                    space, panel_map = maps[setup.panel_of[section.key]]
+                    return panel_map.transform(section_features(section, space, scale=scale))
+                x = section_features(section, setup.space, scale=scale)
+                return x if setup.pca is None else setup.pca.transform(x)
+
+            self._model_graph = {setup.model_key: self._prepare(self.sections, setup, inputs=inputs)}
+        return self._model_graph[setup.model_key]
+
+    def reference_inputs(self, setup: SiteSetup) -> np.ndarray:
+        """Model inputs of the reference sections only (what a panel map is fitted to)."""
+        x = self.feature_graph_data(setup).x.numpy()
+        return x if setup.pca is None else setup.pca.transform(x)
+
+    def panel_reply(self, setup: SiteSetup, space: FeatureSpace) -> dict[str, np.ndarray]:
+        """Regression sums between a panel's features and the model inputs over this
+        site's reference cells (:func:`~fedspatial.shared.panels.panel_moments`)."""
+        scale = self.cfg.features.scale
+        panel = np.concatenate([section_features(s, space, scale=scale) for s in self.reference_sections(setup)])
+        return panel_moments(panel, self.reference_inputs(setup))
 
     # -- federated PCA (sums and D x r products of the standardized features) ------------
     def pca_reply(self, setup: SiteSetup, stage: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -285,27 +383,33 @@ class SiteRuntime:
         raise ValueError(f"unknown PCA stage {stage!r}")
 
     def feature_graph_data(self, setup: SiteSetup) -> GraphData:
-        """Standardized selected features and neighbourhoods of every section (cached)."""
+        """Standardized selected features and neighbourhoods of the reference sections
+        (every section unless some are mapped from a small panel; cached)."""
         key = setup.key
         if key not in self._graph:
-            batch_of = None
-            if setup.batches:
-                codes = {b: i for i, b in enumerate(setup.batches)}
-                batch_of = {s.key: codes[self.batch_name(s)] for s in self.sections}
-            g = self.cfg.neighbors
-            self._graph = {
-                key: prepare_graph_data(
-                    self.sections,
-                    setup.space,
-                    spatial_key=self.cfg.data.spatial_key,
-                    graph=g.graph,
-                    n_neighbors=g.n_neighbors,
-                    radius=g.radius,
-                    scale=self.cfg.features.scale,
-                    batch_of=batch_of,
-                )
-            }
+            sections = self.reference_sections(setup)
+            if not sections:
+                raise RuntimeError(f"{self.node.name}: every section of this site is mapped from a small panel")
+            self._graph = {key: self._prepare(sections, setup)}
         return self._graph[key]
+
+    def _prepare(self, sections: list[SiteSection], setup: SiteSetup, inputs: Any = None) -> GraphData:
+        batch_of = None
+        if setup.batches:
+            codes = {b: i for i, b in enumerate(setup.batches)}
+            batch_of = {s.key: codes[self.batch_name(s)] for s in sections}
+        g = self.cfg.neighbors
+        return prepare_graph_data(
+            sections,
+            setup.space,
+            spatial_key=self.cfg.data.spatial_key,
+            graph=g.graph,
+            n_neighbors=g.n_neighbors,
+            radius=g.radius,
+            scale=self.cfg.features.scale,
+            batch_of=batch_of,
+            inputs=inputs,
+        )
 
     def dp_graph_data(self, setup: SiteSetup) -> GraphData:
         """The training graph for DP-SGD: every cell in at most ``degree_bound`` lists."""

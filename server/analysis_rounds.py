@@ -1,4 +1,4 @@
-"""Server sides of the federated PCA and Gaussian-mixture phases of a run.
+"""Server sides of the federated PCA, small-panel mapping and Gaussian-mixture phases of a run.
 
 Both are message loops over :func:`~fedspatial.server.messaging.ask`; the arithmetic
 lives in :mod:`fedspatial.shared.pca` and :mod:`fedspatial.shared.mixture`. Sites only
@@ -14,14 +14,22 @@ from typing import Any
 import numpy as np
 from flwr.serverapp import Grid
 
-from fedspatial.client.payload import arrays_record, record_arrays
+from fedspatial.client.payload import (
+    arrays_record,
+    chain_arrays,
+    feature_space_to_config,
+    record_arrays,
+    split_chains,
+)
 from fedspatial.server.messaging import ask
+from fedspatial.shared.features import FeatureStats, merge_feature_stats
 from fedspatial.shared.mixture import (
     FederatedGaussianMixture,
     MixtureParams,
     MixtureStats,
     merge_mixture_stats,
 )
+from fedspatial.shared.panels import PanelMap, fit_panel_map, merge_panel_moments, panel_space
 from fedspatial.shared.pca import FederatedPCA, PCABasis
 
 logger = logging.getLogger(__name__)
@@ -72,24 +80,69 @@ def federated_mixture_rounds(
     names: Mapping[int, str],
     common: Mapping[str, Any],
     *,
-    centroids: np.ndarray,
+    centroids: list[np.ndarray],
     covariance_type: str,
     max_iter: int = 100,
-) -> tuple[MixtureParams, FederatedGaussianMixture]:
-    """Fit a Gaussian mixture to the embeddings kept at the sites, started from the
-    k-means assignment to ``centroids`` (``query.mixture``, one round per EM iteration)."""
-    em = FederatedGaussianMixture(covariance_type=covariance_type, max_iter=max_iter)
+) -> tuple[MixtureParams, list[FederatedGaussianMixture]]:
+    """Fit a Gaussian mixture to the embeddings kept at the sites from each start (the
+    k-means assignment to each of ``centroids``), the starts side by side in the same
+    messages (``query.mixture``, one round per EM iteration); returns the parameters of
+    the start reaching the highest log-likelihood (scikit-learn's ``n_init`` rule) and
+    every start's EM state."""
+    chains = [FederatedGaussianMixture(covariance_type=covariance_type, max_iter=max_iter) for _ in centroids]
     config = {**common, "covariance-type": covariance_type}
 
-    def merged(arrays: dict[str, np.ndarray]) -> MixtureStats:
-        replies = ask(grid, nodes, "mixture", config=config, arrays=arrays_record(arrays), names=names)
-        return merge_mixture_stats([MixtureStats.from_arrays(record_arrays(r["arrays"])) for r in _in_order(replies, names)])
+    def merged(arrays: dict[int, dict[str, np.ndarray]]) -> dict[int, MixtureStats]:
+        replies = ask(grid, nodes, "mixture", config=config, arrays=arrays_record(chain_arrays(arrays)), names=names)
+        per_site = [split_chains(record_arrays(r["arrays"])) for r in _in_order(replies, names)]
+        return {i: merge_mixture_stats([MixtureStats.from_arrays(site[i]) for site in per_site]) for i in arrays}
 
-    params = em.init(merged({"centroids": centroids}))
-    while not em.done:
-        params = em.step(merged(params.to_arrays()))
+    params = {i: chains[i].init(stats) for i, stats in merged({i: {"centroids": c} for i, c in enumerate(centroids)}).items()}
+    while not all(em.done for em in chains):
+        active = {i: params[i].to_arrays() for i, em in enumerate(chains) if not em.done}
+        for i, stats in merged(active).items():
+            params[i] = chains[i].step(stats)
+    best = max(range(len(chains)), key=lambda i: chains[i].lower_bound)
+    em = chains[best]
     logger.info(
-        "federated Gaussian mixture (%s): %d EM iterations, %s, mean log-likelihood %.4f",
-        covariance_type, em.n_iter, "converged" if em.converged else "not converged", em.lower_bound,
+        "federated Gaussian mixture (%s): start %d of %d kept (mean log-likelihood %.4f; all: %s), %d EM iterations, %s",
+        covariance_type, best + 1, len(chains), em.lower_bound,
+        ", ".join(f"{c.lower_bound:.4f}" for c in chains), em.n_iter, "converged" if em.converged else "not converged",
     )
-    return params, em
+    return params[best], chains
+
+
+def federated_panel_rounds(
+    grid: Grid,
+    reference_nodes: list[int],
+    panel_nodes: list[int],
+    names: Mapping[int, str],
+    common: Mapping[str, Any],
+    *,
+    panel_id: str,
+    panel: list[str],
+    reference_sections: list[str],
+    target_sum: float,
+    feature_key: str | None,
+) -> PanelMap:
+    """Map one small panel onto the model inputs: the panel's standardization and the
+    regression sums come from the reference sections (``query.feature_stats``,
+    ``query.panel`` stage ``moments``), the fitted map goes to the sites holding
+    sections with that panel (stage ``store``)."""
+    replies = ask(
+        grid, reference_nodes, "feature_stats",
+        config={**common, "features": panel, "sections": reference_sections, "target-sum": target_sum}, names=names,
+    )
+    stats = merge_feature_stats(
+        [FeatureStats.from_arrays(panel, int(r["metrics"]["num-examples"]), record_arrays(r["arrays"])) for r in _in_order(replies, names)]
+    )
+    space = panel_space(stats, target_sum=target_sum, feature_key=feature_key)
+    config = {**common, **feature_space_to_config(space), "panel-id": panel_id}
+    replies = ask(grid, reference_nodes, "panel", config={**config, "stage": "moments"}, names=names)
+    panel_map = fit_panel_map(merge_panel_moments([record_arrays(r["arrays"]) for r in _in_order(replies, names)]))
+    ask(grid, panel_nodes, "panel", config={**config, "stage": "store"}, arrays=arrays_record(panel_map.to_arrays()), names=names)
+    logger.info(
+        "panel %s: %d features mapped onto %d model inputs (R^2 %.2f on average, %.2f for the first)",
+        panel_id, len(panel), len(panel_map.r2), float(panel_map.r2.mean()), float(panel_map.r2[0]),
+    )
+    return panel_map

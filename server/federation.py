@@ -3,6 +3,8 @@
 1. ``describe``: sites report sections, sizes and feature names (no cells).
 2. ``feature_stats``: per-feature sums over the shared features -> one feature space
    (highly variable selection and standardization equal to the pooled computation).
+   A section with a small panel does not shrink it: it is mapped onto the others'
+   model inputs by a federated regression (``features.small-panel-fraction``).
 3. Federated training of the encoder with :class:`SpatialFedAvg` (weighted by
    ``num-examples``); the global state is checkpointed after every round.
    (With ``features.n-pcs``, federated PCA first: the model trains on principal components.)
@@ -27,25 +29,31 @@ from flwr.serverapp import Grid
 
 from fedspatial.client.payload import (
     arrays_record,
+    chain_arrays,
     feature_space_from_config,
     feature_space_to_config,
     record_arrays,
+    split_chains,
 )
-from fedspatial.server.analysis_rounds import federated_mixture_rounds, federated_pca_rounds
+from fedspatial.server.analysis_rounds import (
+    federated_mixture_rounds,
+    federated_panel_rounds,
+    federated_pca_rounds,
+)
 from fedspatial.server.harmony_rounds import federated_harmony_rounds
 from fedspatial.server.messaging import SiteGroup, ask, wait_for_nodes
 from fedspatial.server.report import write_run_report
 from fedspatial.server.run_store import RunStore
 from fedspatial.shared import clustering
 from fedspatial.shared.checkpoint import save_checkpoint
-from fedspatial.shared.config import ExperimentConfig
+from fedspatial.shared.config import ConfigError, ExperimentConfig
 from fedspatial.shared.features import (
     FeatureStats,
     build_feature_space,
     merge_feature_stats,
-    shared_features,
 )
 from fedspatial.shared.models import GATAutoencoder
+from fedspatial.shared.panels import plan_panels
 from fedspatial.strategies import (
     PrivacyBudgetGuard,
     PrivacyBudgetStop,
@@ -85,11 +93,29 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     logger.info("sites: %s", ", ".join(f"{names[n]} ({int(desc[n]['metrics']['num-examples'])} cells)" for n in desc))
 
     # -- harmonized feature space -------------------------------------------------------
+    section_features: dict[str, list[str]] = {}
+    node_of_section: dict[str, int] = {}
+    for n in sites.nodes:
+        for key, features in json.loads(str(desc[n]["config"]["section-features"])).items():
+            section_features[key] = features
+            node_of_section[key] = n
+    plan = plan_panels(section_features, min_fraction=cfg.features.small_panel_fraction)
+    if plan.mapped and cfg.privacy.local_dp:
+        raise ConfigError(
+            f"section(s) {', '.join(plan.mapped)} hold a small feature panel, and mapping it onto the "
+            "others releases regression sums outside the privacy ledger: set features.small-panel-fraction: 0 "
+            "(plain intersection) when privacy.local-dp is on"
+        )
+    reference_nodes = sorted({node_of_section[k] for k in plan.reference})
+    only_reference = {"sections": plan.reference} if plan.mapped else {}
     if checkpoint is not None:
         space = feature_space_from_config(checkpoint[2]["feature-space"])
     else:
-        shared = shared_features({names[n]: list(desc[n]["config"]["features"]) for n in sites.nodes})
-        replies = ask(sites, sites.nodes, "feature_stats", config={**common, "features": shared, "target-sum": cfg.features.target_sum}, names=names)
+        shared = plan.shared
+        replies = ask(
+            sites, reference_nodes, "feature_stats",
+            config={**common, "features": shared, "target-sum": cfg.features.target_sum, **only_reference}, names=names,
+        )
         stats = [
             FeatureStats.from_arrays(shared, int(r["metrics"]["num-examples"]), record_arrays(r["arrays"]))
             for r in replies.values()
@@ -105,16 +131,33 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     # -- federated training -------------------------------------------------------------
     batches = batch_names(cfg.model.batch, [desc[n]["config"] for n in sites.nodes])
     space_config = feature_space_to_config(space)
-    setup = {**common, **space_config, **({"batches": batches} if batches else {})}
+    setup = {
+        **common, **space_config, **({"batches": batches} if batches else {}), "mapped-sections": json.dumps(plan.mapped)
+    }
     ask(sites, sites.nodes, "setup", config=setup, names=names)
     in_dim = len(space.selected)
     if cfg.features.n_pcs:
         # Deterministic (seeded start, sums in site-name order), so a resumed run
         # recomputes the same basis instead of storing it.
         federated_pca_rounds(
-            sites, sites.nodes, names, common, n_features=in_dim, n_components=cfg.features.n_pcs, seed=cfg.seed
+            sites, reference_nodes, names, common, n_features=in_dim, n_components=cfg.features.n_pcs, seed=cfg.seed
         )
         in_dim = cfg.features.n_pcs
+    panels: dict[str, Any] = {}
+    for panel_id, panel in plan.panels.items():  # deterministic too: recomputed on resume
+        keys = [k for k, p in plan.mapped.items() if p == panel_id]
+        panel_map = federated_panel_rounds(
+            sites, reference_nodes, sorted({node_of_section[k] for k in keys}), names, common,
+            panel_id=panel_id, panel=panel, reference_sections=plan.reference,
+            target_sum=cfg.features.target_sum, feature_key=cfg.data.feature_key or None,
+        )
+        for key in keys:
+            panels[key] = {
+                "n-features": len(section_features[key]),
+                "n-features-shared": len(panel),
+                "r2-mean": float(panel_map.r2.mean()),
+                "r2": [round(float(v), 4) for v in panel_map.r2],
+            }
     torch.manual_seed(cfg.seed)
     model = GATAutoencoder(
         in_dim,
@@ -233,40 +276,65 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
             theta=c.harmony_theta, sigma=c.harmony_sigma, max_iter_harmony=c.harmony_max_iter,
         )
         props = harmony.pop("proposals")
-    init = clustering.init_from_site_centroids(
-        [p["centroids"] for p in props.values()], [p["counts"] for p in props.values()], k, seed=cfg.seed
-    )
+    # Several clustering starts side by side in the same messages (as scikit-learn's
+    # n_init). Start 0 is the k-means++ seeding with 10 tries; the others are single
+    # k-means++ seedings. Without a mixture each start runs k-means and the lowest inertia
+    # is kept; with one, only start 0 runs k-means, every start then runs EM (from its
+    # k-means or seeding centroids) and the highest log-likelihood is kept.
+    site_centroids = [p["centroids"] for p in props.values()]
+    site_counts = [p["counts"] for p in props.values()]
+    n_init, mixture = cfg.clustering.n_init, cfg.clustering.mixture
+    inits = [
+        clustering.init_from_site_centroids(site_centroids, site_counts, k, seed=cfg.seed + i, n_init=10 if i == 0 else 1)
+        for i in range(n_init)
+    ]
     moments = [
         clustering.FeatureMoments.from_arrays({m: p[f"moments-{m}"] for m in ("count", "mean", "m2")})
         for p in props.values()
     ]
-    kmeans = clustering.FederatedKMeans(max_iter=cfg.clustering.kmeans_max_iter, tol=cfg.clustering.kmeans_tol)
-    kmeans.init(init, feature_variance=clustering.pooled_feature_variance_from_sites(moments))
-    merged = None
-    while not kmeans.done:
-        payload = {"centroids": kmeans.centroids}
-        if kmeans.previous_centroids is not None:
-            payload["previous"] = kmeans.previous_centroids
-        replies = ask(sites, sites.nodes, "cluster_stats", config=common, arrays=arrays_record(payload), names=names)
-        merged = clustering.merge_cluster_stats(
-            [clustering.ClusterStats.from_arrays(record_arrays(r["arrays"])) for r in replies.values()]
-        )
-        kmeans.step(merged)
+    feature_variance = clustering.pooled_feature_variance_from_sites(moments)
+    chains = [
+        clustering.FederatedKMeans(max_iter=cfg.clustering.kmeans_max_iter, tol=cfg.clustering.kmeans_tol)
+        for _ in (inits if mixture == "none" else inits[:1])
+    ]
+    for chain, init in zip(chains, inits, strict=False):
+        chain.init(init, feature_variance=feature_variance)
+
+    def kmeans_stats(payloads: dict[int, dict[str, np.ndarray]]) -> dict[int, clustering.ClusterStats]:
+        replies = ask(sites, sites.nodes, "cluster_stats", config=common, arrays=arrays_record(chain_arrays(payloads)), names=names)
+        per_site = [split_chains(record_arrays(r["arrays"])) for r in replies.values()]
+        return {i: clustering.merge_cluster_stats([clustering.ClusterStats.from_arrays(site[i]) for site in per_site]) for i in payloads}
+
+    while not all(chain.done for chain in chains):
+        payloads: dict[int, dict[str, np.ndarray]] = {}
+        for i, chain in enumerate(chains):
+            if not chain.done:
+                payloads[i] = {"centroids": chain.centroids}
+                if chain.previous_centroids is not None:
+                    payloads[i]["previous"] = chain.previous_centroids
+        for i, merged in kmeans_stats(payloads).items():
+            chains[i].step(merged)
     # Confidence uses the spread of the final assignment (one more stats round).
-    final = ask(sites, sites.nodes, "cluster_stats", config=common, arrays=arrays_record({"centroids": kmeans.centroids}), names=names)
-    final_stats = clustering.merge_cluster_stats(
-        [clustering.ClusterStats.from_arrays(record_arrays(r["arrays"])) for r in final.values()]
-    )
+    finals = kmeans_stats({i: {"centroids": chain.centroids} for i, chain in enumerate(chains)})
+    best = min(finals, key=lambda i: finals[i].inertia)
+    kmeans, final_stats = chains[best], finals[best]
+    if len(chains) > 1:
+        logger.info(
+            "federated k-means: start %d of %d kept (inertia %.6g; all: %s)",
+            best + 1, len(chains), final_stats.inertia, ", ".join(f"{finals[i].inertia:.6g}" for i in finals),
+        )
     variance = clustering.shared_variance(final_stats, kmeans.centroids.shape[1])
     domain_arrays: dict[str, np.ndarray] = {"centroids": kmeans.centroids}
     mixture_iterations = 0
-    if cfg.clustering.mixture != "none":
-        params, em = federated_mixture_rounds(
-            sites, sites.nodes, names, common, centroids=kmeans.centroids,
-            covariance_type=cfg.clustering.mixture, max_iter=cfg.clustering.mixture_max_iter,
+    mixture_likelihoods: list[float] = []
+    if mixture != "none":
+        params, ems = federated_mixture_rounds(
+            sites, sites.nodes, names, common, centroids=[kmeans.centroids, *inits[1:]],
+            covariance_type=mixture, max_iter=cfg.clustering.mixture_max_iter,
         )
         domain_arrays = {"centroids": params.means, **params.to_arrays()}
-        mixture_iterations = em.n_iter
+        mixture_likelihoods = [float(em.lower_bound) for em in ems]
+        mixture_iterations = max(em.n_iter for em in ems)
 
     # -- finalize at the sites and report ------------------------------------------------
     fin = ask(
@@ -289,9 +357,15 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         extra={
             "n-features-shared": len(space.shared),
             "n-features-selected": len(space.selected),
+            "reference-sections": plan.reference,
+            "mapped-panels": panels,
             "kmeans-iterations": kmeans.n_iter,
             "mixture": cfg.clustering.mixture,
             "mixture-iterations": mixture_iterations,
+            "n-init": cfg.clustering.n_init,
+            "kmeans-inertias": [float(finals[i].inertia) for i in finals],
+            "mixture-log-likelihoods": mixture_likelihoods,
+            "mixture-start-kept": int(np.argmax(mixture_likelihoods)) if mixture_likelihoods else None,
             "harmony": {key: v for key, v in harmony.items() if key != "objective"},
             "n-pcs": cfg.features.n_pcs,
             "kmeans-inertia": final_stats.inertia,

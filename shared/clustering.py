@@ -543,7 +543,9 @@ def local_kmeans(X: np.ndarray, n_clusters: int, *, seed: int = 0) -> tuple[np.n
     n_clusters : int
         Requested number of clusters; ``k = min(n_clusters, N)`` are fit.
     seed : int, default 0
-        Random state of scikit-learn's ``KMeans`` (``n_init=10``).
+        Random state of scikit-learn's ``KMeans``.
+    n_init : int, default 10
+        k-means++ starts of that ``KMeans`` (1 gives a different start for each seed).
 
     Returns
     -------
@@ -571,6 +573,7 @@ def init_from_site_centroids(
     n_clusters: int,
     *,
     seed: int = 0,
+    n_init: int = 10,
 ) -> np.ndarray:
     """Server: initial global centroids from the sites' local k-means proposals.
 
@@ -587,7 +590,9 @@ def init_from_site_centroids(
     n_clusters : int
         Number of global clusters K.
     seed : int, default 0
-        Random state of scikit-learn's ``KMeans`` (``n_init=10``).
+        Random state of scikit-learn's ``KMeans``.
+    n_init : int, default 10
+        k-means++ starts of that ``KMeans`` (1 gives a different start for each seed).
 
     Returns
     -------
@@ -608,7 +613,7 @@ def init_from_site_centroids(
         )
     from sklearn.cluster import KMeans
 
-    km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed)
+    km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
     km.fit(points, sample_weight=weights)
     return np.asarray(km.cluster_centers_, dtype=np.float64)
 

@@ -51,6 +51,11 @@ class FeaturesConfig:
     n_pcs: int = 0
     """Train on this many principal components of the standardized features, computed
     by federated PCA (sites send only D x r products); 0: train on the features."""
+    small_panel_fraction: float = 0.5
+    """A section holding fewer than this fraction of the median section's features (a
+    small targeted panel) is mapped onto the others' model inputs by a federated
+    regression instead of shrinking everybody's features to the ones it has
+    (shared/panels.py); 0: plain intersection over all sections."""
 
 
 @dataclass
@@ -90,6 +95,12 @@ class ClusteringConfig:
     n_domains: int = 5
     kmeans_max_iter: int = 100
     kmeans_tol: float = 0.0
+    n_init: int = 1
+    """Clustering starts run side by side in the same messages (scikit-learn's
+    ``n_init``): k-means++ seedings of the sites' proposals. Without a mixture the
+    k-means with the lowest inertia is kept; with one, the first start's k-means and the
+    other seedings each start EM and the highest log-likelihood is kept. The starts
+    share messages: as many rounds as the slowest one."""
     refine: bool = True
     """Majority vote over spatial neighbours after clustering (at each site)."""
     mixture: Literal["none", "tied", "full"] = "none"
@@ -257,12 +268,17 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.clustering.n_domains >= 2, "clustering.n-domains: must be >= 2"),
         (cfg.clustering.kmeans_max_iter >= 1, "clustering.kmeans-max-iter: must be >= 1"),
         (cfg.clustering.kmeans_tol >= 0, "clustering.kmeans-tol: must be >= 0"),
+        (cfg.clustering.n_init >= 1, "clustering.n-init: must be >= 1"),
         (cfg.clustering.mixture_max_iter >= 1, "clustering.mixture-max-iter: must be >= 1"),
         (cfg.clustering.harmony_theta >= 0, "clustering.harmony-theta: must be >= 0"),
         (cfg.clustering.harmony_sigma > 0, "clustering.harmony-sigma: must be > 0"),
         (cfg.clustering.harmony_clusters >= 0, "clustering.harmony-clusters: must be >= 0 (0 = harmonypy's default)"),
         (cfg.clustering.harmony_max_iter >= 1, "clustering.harmony-max-iter: must be >= 1"),
         (cfg.features.n_pcs >= 0, "features.n-pcs: must be >= 0 (0 = no PCA)"),
+        (
+            0 <= cfg.features.small_panel_fraction <= 1,
+            "features.small-panel-fraction: must be between 0 and 1 (0 = plain intersection)",
+        ),
         (
             not (cfg.privacy.local_dp and cfg.features.n_pcs),
             "features.n-pcs: federated PCA releases sums of the raw features outside the privacy "

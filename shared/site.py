@@ -7,7 +7,7 @@ all go through :func:`load_site_sections` and :func:`prepare_graph_data`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,7 @@ def prepare_graph_data(
     radius: float = 0.0,
     scale: str = "section",
     batch_of: Mapping[str, int] | None = None,
+    inputs: Callable[[SiteSection], np.ndarray] | None = None,
 ) -> GraphData:
     """Standardized features and per-section neighbourhoods, sections concatenated.
 
@@ -75,15 +76,15 @@ def prepare_graph_data(
     own, which removes per-feature multiplicative batch effects (a constant shift in
     log space) at the price of also removing composition differences between sections.
     ``batch_of`` maps a section key (``site/section``) to its federation-wide batch code
-    for a batch-aware decoder (None: no batch codes).
+    for a batch-aware decoder (None: no batch codes). ``inputs``, when given, computes a
+    section's rows instead (e.g. sections mapped from a small panel, see
+    :mod:`fedspatial.shared.panels`).
     """
     xs, nbrs, ranges = [], [], []
     offset = 0
     width = None
     for section in sections:
-        x = transform(section.adata, space)
-        if scale == "section":
-            x = _standardize(x, space.max_value)
+        x = section_features(section, space, scale=scale) if inputs is None else inputs(section)
         coords = np.asarray(section.adata.obsm[spatial_key], dtype=np.float64)[:, :2]
         nbr = section_neighbors(
             coords,
@@ -110,6 +111,12 @@ def prepare_graph_data(
         sections=ranges,
         batch=batch,
     )
+
+
+def section_features(section: SiteSection, space: FeatureSpace, *, scale: str = "section") -> np.ndarray:
+    """A section's standardized features in ``space`` (``scale`` as in :func:`prepare_graph_data`)."""
+    x = transform(section.adata, space)
+    return _standardize(x, space.max_value) if scale == "section" else x
 
 
 def _standardize(x: np.ndarray, max_value: float) -> np.ndarray:

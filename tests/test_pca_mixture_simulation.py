@@ -28,7 +28,7 @@ def test_pca_inputs_harmony_and_mixture_domains(tmp_path):
             "features": {"n-top-features": 80, "n-pcs": 12},
             "model": {"hidden-dim": 32, "latent-dim": 8},
             "training": {"num-rounds": 2, "batch-size": 64},
-            "clustering": {"mixture": "tied", "harmony": "site", "harmony-max-iter": 2},
+            "clustering": {"mixture": "tied", "harmony": "site", "harmony-max-iter": 2, "n-init": 3},
             "simulation": {"modes": ["federated"]},
         }
     )
@@ -37,6 +37,10 @@ def test_pca_inputs_harmony_and_mixture_domains(tmp_path):
     report = json.loads((run / "metrics.json").read_text())
     assert report["n-pcs"] == 12 and report["mixture"] == "tied"
     assert report["mixture-iterations"] >= 1
+    # three EM starts side by side (k-means, then two more seedings); the most likely kept
+    likelihoods = report["mixture-log-likelihoods"]
+    assert len(likelihoods) == 3 and len(report["kmeans-inertias"]) == 1
+    assert report["mixture-start-kept"] == int(np.argmax(likelihoods))
     # The model was built on the principal components, not on the 80 features.
     assert json.loads((run / "model" / "model.json").read_text())["model"]["in_dim"] == 12
     assert 1 <= report["harmony"]["iterations"] <= 2
