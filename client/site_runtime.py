@@ -572,7 +572,9 @@ class SiteRuntime:
             annotated.uns["fedspatial"] = {"run": run_name, "n_domains": len(centroids), "refine": refine}
             path = out_dir / f"{section.site}__{section.name}.h5ad"
             write_atomic(path, lambda tmp, a=annotated: a.write_h5ad(tmp))
-            entry: dict[str, Any] = {"site": section.site, "n_cells": int(stop - start), "output": str(path)}
+            entry: dict[str, Any] = {
+                "site": section.site, "n_cells": int(stop - start), "output": str(path), "peak_rss_mb": _peak_rss_mb(),
+            }
             truth = section.adata.obs.get(label_key)
             if truth is not None:
                 entry.update(metrics.section_scores(truth.to_numpy(), dom))
@@ -597,6 +599,16 @@ class SiteRuntime:
             }
         logger.info("%s: wrote %d annotated sections to %s", self.node.name, len(self.sections), out_dir)
         return json.dumps(report), {"domain-counts": np.bincount(labels, minlength=len(centroids)).astype(np.int64)}
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (what a site's IT staff must provision;
+    the process that served the site, so with other sites in the same process an upper bound)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak / 2**20 if sys.platform == "darwin" else peak / 1024)  # bytes on macOS, KiB on Linux
 
 
 def _domain_categorical(dom: np.ndarray, k: int) -> Any:

@@ -153,8 +153,11 @@ def _mode_result(reports: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: ExperimentConfig, *, modes: list[str] | None = None, resume: bool = False) -> dict[str, dict[str, Any]]:
-    """Run the configured modes; writes ``<results-dir>/<run-name>/summary.md``."""
+def simulate(
+    cfg: ExperimentConfig, *, modes: list[str] | None = None, resume: bool = False, integration_report: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Run the configured modes; writes ``<results-dir>/<run-name>/summary.md`` and, unless
+    ``integration_report`` is False, each joint mode's ``integration.md|json`` and plot."""
     modes = modes or cfg.simulation.modes
     run_dir = (Path(cfg.results_dir) / cfg.run_name).resolve()
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -181,7 +184,7 @@ def simulate(cfg: ExperimentConfig, *, modes: list[str] | None = None, resume: b
                 report = run_one(cfg, run_dir, sim_name, nodes, resume=resume)
             reports.append(report)
         results[mode] = _mode_result(reports)
-        if mode != "local":  # local runs have no joint embedding to assess
+        if mode != "local" and integration_report:  # local runs have no joint embedding to assess
             from fedspatial.server.integration_report import write_integration_report
 
             c = cfg.clustering

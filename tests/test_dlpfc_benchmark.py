@@ -39,15 +39,70 @@ def test_manifest_has_one_hospital_per_section(tmp_path):
 
 
 @pytest.mark.skipif(not (DATA / "151510.h5ad").is_file(), reason="DLPFC data not present")
-def test_mixed_panel_shares_genes_by_ensembl_id():
-    from fedspatial.shared.features import feature_names, shared_features
+def test_mixed_panel_is_mapped_not_intersected():
+    from fedspatial.shared.features import feature_names
     from fedspatial.shared.io import load_site
+    from fedspatial.shared.panels import plan_panels
 
     names = {}
     for s in (*_bench().FOUR, _bench().OTHER_DONOR):
         (section,) = load_site(str(DATA / f"{s}.h5ad"))
-        names[s] = feature_names(section.adata, "gene_ids")
-    shared = shared_features(names)
-    # 151510 has a 500-gene panel: the federation can keep at most those.
-    assert 0 < len(shared) <= 500
-    assert all(g.startswith("ENSG") for g in shared)
+        names[f"{s}/{s}"] = feature_names(section.adata, "gene_ids")
+    plan = plan_panels(names, min_fraction=0.5)
+    # 151510's 500-gene panel is mapped; the donor-3 sections keep the genes they share
+    assert list(plan.mapped) == ["151510/151510"]
+    assert len(plan.shared) > 3000 and all(g.startswith("ENSG") for g in plan.shared)
+    (panel,) = plan.panels.values()
+    assert 0 < len(panel) <= 500 and set(panel) <= set(plan.shared)
+
+
+def _mode(ari: float, sections: tuple[str, ...], *, timed: bool = True) -> dict:
+    entry = {
+        "joint_ari": ari, "median_ari": ari, "median_ari_donor3": ari,
+        "section_ari": dict.fromkeys(sections, ari), "section_nmi": dict.fromkeys(sections, ari),
+    }
+    if timed:
+        entry.update({"wall_s": 100.0, "seconds_per_round": 2.0, "bytes_per_round": 1000.0})
+    return entry
+
+
+def test_report_only_renders_saved_runs(tmp_path, monkeypatch):
+    bench = _bench()
+    work, out = tmp_path / "work", tmp_path / "out"
+    feds = {"four": bench.FOUR, "mixed": (*bench.FOUR, bench.OTHER_DONOR)}
+    aris = {"federated": 0.56, "local": 0.30, "centralized": 0.55, "pca_kmeans": 0.2}
+    for name, sections in feds.items():
+        per_seed = [
+            {"seed": seed, "local_reused": [], "modes": {m: _mode(a, sections, timed=m != "pca_kmeans") for m, a in aris.items()}}
+            for seed in (0, 1)
+        ]
+        (work / name).mkdir(parents=True)
+        (work / name / "per_seed.json").write_text(json.dumps(per_seed))
+        meta = {"n-features-shared": 3851, "n-features-selected": 3000, "mapped-panels": {}}
+        if name == "mixed":
+            meta["mapped-panels"] = {"151510/151510": {"n-features": 500, "n-features-shared": 279, "r2-mean": 0.3, "r2": [0.98, 0.9]}}
+        (work / f"{name}-seed0" / "federated").mkdir(parents=True)
+        (work / f"{name}-seed0" / "federated" / "metrics.json").write_text(json.dumps(meta))
+    saved = {
+        "total_s": 1800.0, "command": "--seeds 0,1", "memory": {"151673": {"cells": 3639, "peak_rss_mb": 800.0}},
+        "federations": {n: {"sections": list(s), "seeds": [0, 1], "local_from": "four" if n == "mixed" else None} for n, s in feds.items()},
+    }
+    (work / "benchmark.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(bench, "plot_domains", lambda fed, data, path: path.write_bytes(b"png"))
+    data = DATA
+    if not (DATA / "151510.h5ad").is_file():  # the data check runs first: empty stand-ins
+        data = tmp_path / "data"
+        data.mkdir()
+        for s in feds["mixed"]:
+            (data / f"{s}.h5ad").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["dlpfc.py", "--report-only", "--data", str(data), "--work", str(work), "--out", str(out)])
+    assert bench.main() == 0
+    result = json.loads((out / "dlpfc.json").read_text())
+    # exactly the keys the issue names
+    assert set(result) == {"median_ari", "joint_ari", "wall_s", "mixed_panel"}
+    assert set(result["median_ari"]) == {"federated", "local", "centralized", "pca_kmeans"}
+    assert set(result["wall_s"]) == {"federated", "local", "centralized"}
+    assert set(result["mixed_panel"]) == {"median_ari", "joint_ari", "wall_s"}
+    md = (out / "dlpfc.md").read_text()
+    assert "federated median ARI >= 0.55: 0.560 (met)" in md
+    assert "279 of them among the shared genes" in md and "Whole benchmark 30.0 min" in md
