@@ -347,13 +347,17 @@ class SiteRuntime:
         if setup.model_key not in self._model_graph:
             maps = {pid: (space, m) for pid, space, m in setup.maps}
             scale = self.cfg.features.scale
+            # the reference sections' inputs exist already (PCA and panel sums used them)
+            reference: dict[str, np.ndarray] = {}
+            if self.reference_sections(setup):
+                x = self.reference_inputs(setup)
+                reference = {key: x[a:b] for key, a, b in self.feature_graph_data(setup).sections}
 
             def inputs(section: SiteSection) -> np.ndarray:
                 if section.key in setup.panel_of:
                     space, panel_map = maps[setup.panel_of[section.key]]
                     return panel_map.transform(section_features(section, space, scale=scale))
-                x = section_features(section, setup.space, scale=scale)
-                return x if setup.pca is None else setup.pca.transform(x)
+                return reference[section.key]
 
             self._model_graph = {setup.model_key: self._prepare(self.sections, setup, inputs=inputs)}
         return self._model_graph[setup.model_key]

@@ -22,14 +22,14 @@ from fedspatial.client.payload import (
     split_chains,
 )
 from fedspatial.server.messaging import ask
-from fedspatial.shared.features import FeatureStats, merge_feature_stats
+from fedspatial.shared.features import FeatureStats, build_feature_space, merge_feature_stats
 from fedspatial.shared.mixture import (
     FederatedGaussianMixture,
     MixtureParams,
     MixtureStats,
     merge_mixture_stats,
 )
-from fedspatial.shared.panels import PanelMap, fit_panel_map, merge_panel_moments, panel_space
+from fedspatial.shared.panels import PanelMap, fit_panel_map, merge_panel_moments
 from fedspatial.shared.pca import FederatedPCA, PCABasis
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,25 @@ def federated_mixture_rounds(
     return params[best], chains
 
 
+def federated_feature_stats(
+    grid: Grid,
+    nodes: list[int],
+    names: Mapping[int, str],
+    common: Mapping[str, Any],
+    *,
+    features: list[str],
+    target_sum: float,
+    sections: list[str] | None = None,
+) -> FeatureStats:
+    """Per-feature aggregates over ``features`` (``query.feature_stats``; only over the
+    named sections when given), summed in site-name order."""
+    config = {**common, "features": features, "target-sum": target_sum, **({"sections": sections} if sections else {})}
+    replies = ask(grid, nodes, "feature_stats", config=config, names=names)
+    return merge_feature_stats(
+        [FeatureStats.from_arrays(features, int(r["metrics"]["num-examples"]), record_arrays(r["arrays"])) for r in _in_order(replies, names)]
+    )
+
+
 def federated_panel_rounds(
     grid: Grid,
     reference_nodes: list[int],
@@ -129,14 +148,10 @@ def federated_panel_rounds(
     regression sums come from the reference sections (``query.feature_stats``,
     ``query.panel`` stage ``moments``), the fitted map goes to the sites holding
     sections with that panel (stage ``store``)."""
-    replies = ask(
-        grid, reference_nodes, "feature_stats",
-        config={**common, "features": panel, "sections": reference_sections, "target-sum": target_sum}, names=names,
+    stats = federated_feature_stats(
+        grid, reference_nodes, names, common, features=panel, target_sum=target_sum, sections=reference_sections
     )
-    stats = merge_feature_stats(
-        [FeatureStats.from_arrays(panel, int(r["metrics"]["num-examples"]), record_arrays(r["arrays"])) for r in _in_order(replies, names)]
-    )
-    space = panel_space(stats, target_sum=target_sum, feature_key=feature_key)
+    space = build_feature_space(stats, n_top_features=None, target_sum=target_sum, feature_key=feature_key)
     config = {**common, **feature_space_to_config(space), "panel-id": panel_id}
     replies = ask(grid, reference_nodes, "panel", config={**config, "stage": "moments"}, names=names)
     panel_map = fit_panel_map(merge_panel_moments([record_arrays(r["arrays"]) for r in _in_order(replies, names)]))

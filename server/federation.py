@@ -36,6 +36,7 @@ from fedspatial.client.payload import (
     split_chains,
 )
 from fedspatial.server.analysis_rounds import (
+    federated_feature_stats,
     federated_mixture_rounds,
     federated_panel_rounds,
     federated_pca_rounds,
@@ -48,9 +49,7 @@ from fedspatial.shared import clustering
 from fedspatial.shared.checkpoint import save_checkpoint
 from fedspatial.shared.config import ConfigError, ExperimentConfig
 from fedspatial.shared.features import (
-    FeatureStats,
     build_feature_space,
-    merge_feature_stats,
 )
 from fedspatial.shared.models import GATAutoencoder
 from fedspatial.shared.panels import plan_panels
@@ -107,21 +106,15 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
             "(plain intersection) when privacy.local-dp is on"
         )
     reference_nodes = sorted({node_of_section[k] for k in plan.reference})
-    only_reference = {"sections": plan.reference} if plan.mapped else {}
     if checkpoint is not None:
         space = feature_space_from_config(checkpoint[2]["feature-space"])
     else:
-        shared = plan.shared
-        replies = ask(
-            sites, reference_nodes, "feature_stats",
-            config={**common, "features": shared, "target-sum": cfg.features.target_sum, **only_reference}, names=names,
+        stats = federated_feature_stats(
+            sites, reference_nodes, names, common, features=plan.shared, target_sum=cfg.features.target_sum,
+            sections=plan.reference if plan.mapped else None,
         )
-        stats = [
-            FeatureStats.from_arrays(shared, int(r["metrics"]["num-examples"]), record_arrays(r["arrays"]))
-            for r in replies.values()
-        ]
         space = build_feature_space(
-            merge_feature_stats(stats),
+            stats,
             n_top_features=cfg.features.n_top_features,
             target_sum=cfg.features.target_sum,
             feature_key=cfg.data.feature_key or None,

@@ -690,7 +690,7 @@ class FeatureSpace:
 def build_feature_space(
     stats: FeatureStats,
     *,
-    n_top_features: int,
+    n_top_features: int | None,
     target_sum: float,
     feature_key: str | None = None,
     max_value: float = 10.0,
@@ -704,7 +704,9 @@ def build_feature_space(
         Merged aggregates over the shared features (:func:`merge_feature_stats`),
         computed with the same ``target_sum`` and ``feature_key``.
     n_top_features
-        Number of highly-variable features to select (:func:`highly_variable_mask`).
+        Number of highly-variable features to select (:func:`highly_variable_mask`);
+        ``None`` keeps every feature (a small panel's standardization, see
+        :mod:`fedspatial.shared.panels`).
     target_sum
         Total per cell used for the statistics (stored for :func:`transform`).
     feature_key
@@ -719,7 +721,10 @@ def build_feature_space(
     FeatureSpace
         ``shared = stats.features``, the selected subset and its standardization.
     """
-    mask = highly_variable_mask(stats, n_top_features=n_top_features, n_bins=n_bins)
+    if n_top_features is None:
+        mask = np.ones(len(stats.features), dtype=bool)
+    else:
+        mask = highly_variable_mask(stats, n_top_features=n_top_features, n_bins=n_bins)
     mean, var = _mean_var(stats.sum_log[mask], stats.sumsq_log[mask], stats.n_cells)
     # treat a variance at rounding level of the mean as zero (constant feature)
     var[var <= 1e-12 * mean**2] = 0.0

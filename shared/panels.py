@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedspatial.shared.features import FeatureSpace, FeatureStats, HarmonizationError, _mean_var
+from fedspatial.shared.features import HarmonizationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PanelMap", "PanelPlan", "fit_panel_map", "merge_panel_moments", "panel_moments", "panel_space", "plan_panels"]
+__all__ = ["PanelMap", "PanelPlan", "fit_panel_map", "merge_panel_moments", "panel_moments", "plan_panels"]
 
 
 @dataclass
@@ -113,24 +113,6 @@ def plan_panels(section_features: Mapping[str, Sequence[str]], *, min_fraction: 
             ", ".join(f"{k} ({len(plan.panels[p])} shared features)" for k, p in plan.mapped.items()),
         )
     return plan
-
-
-def panel_space(stats: FeatureStats, *, target_sum: float, feature_key: str | None, max_value: float = 10.0) -> FeatureSpace:
-    """The standardization of a panel's features over the reference cells (every
-    feature of the panel kept, library size over the panel's features only)."""
-    mean, var = _mean_var(stats.sum_log, stats.sumsq_log, stats.n_cells)
-    var[var <= 1e-12 * mean**2] = 0.0
-    std = np.sqrt(var)
-    std[std == 0] = 1.0
-    return FeatureSpace(
-        shared=list(stats.features),
-        selected=list(stats.features),
-        mean=mean.astype(np.float32),
-        std=std.astype(np.float32),
-        target_sum=target_sum,
-        feature_key=feature_key,
-        max_value=max_value,
-    )
 
 
 def panel_moments(X: np.ndarray, Z: np.ndarray) -> dict[str, np.ndarray]:

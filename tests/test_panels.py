@@ -7,13 +7,16 @@ import pytest
 from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 
-from fedspatial.shared.features import HarmonizationError, compute_feature_stats
+from fedspatial.shared.features import (
+    HarmonizationError,
+    build_feature_space,
+    compute_feature_stats,
+)
 from fedspatial.shared.panels import (
     PanelMap,
     fit_panel_map,
     merge_panel_moments,
     panel_moments,
-    panel_space,
     plan_panels,
 )
 
@@ -83,7 +86,7 @@ def test_panel_space_keeps_every_panel_feature():
     adata = ad.AnnData(counts)
     adata.var_names = ["g1", "g2", "g3"]
     stats = compute_feature_stats(adata, ["g3", "g1"], target_sum=10.0)
-    space = panel_space(stats, target_sum=10.0, feature_key=None)
+    space = build_feature_space(stats, n_top_features=None, target_sum=10.0)
     assert space.selected == ["g3", "g1"]
     # library size over the panel only: cell 0 has g3=3, g1=1 -> log1p(7.5), log1p(2.5)
     logged = np.log1p(np.array([[7.5, 2.5], [0.0, 10.0], [10.0, 0.0], [2.0, 8.0]]))
