@@ -35,7 +35,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy fedspatial server client shared strategies
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/backbone.py

@@ -31,10 +31,10 @@ ROOT = HERE.parent
 # embed), measured in a fresh process per site so sites do not share a high-water mark.
 SITE_PROBE = r"""
 import json, resource, sys, torch
-from fedspatial.shared.site import SiteSource, load_site_sections, prepare_graph_data
-from fedspatial.shared.features import compute_feature_stats, build_feature_space, feature_names
+from fedspatial.shared.data.sections import SiteSource, load_site_sections, prepare_graph_data
+from fedspatial.shared.features.selection import compute_feature_stats, build_feature_space, feature_names
 from fedspatial.shared.models import GATAutoencoder
-from fedspatial.shared.training import train_epochs, embed
+from fedspatial.shared.training.loop import train_epochs, embed
 cfg = json.loads(sys.argv[1])
 sections = load_site_sections([SiteSource(cfg["name"], cfg["path"])])
 features = feature_names(sections[0].adata)

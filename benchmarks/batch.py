@@ -7,12 +7,12 @@ here on the pooled sections, which is the centralized mode):
 
 - ``none``: model without batch input; ``decoder``: the batch (site) one-hot enters
   the decoder only (``model.batch``);
-- ``fed_harmony`` / ``both``: federated Harmony (:func:`fedspatial.shared.harmony.federated_harmony`,
+- ``fed_harmony`` / ``both``: federated Harmony (:func:`fedspatial.shared.algorithms.harmony.federated_harmony`,
   sites as in-memory arrays, federated k-means initialization) on the ``none`` /
   ``decoder`` embedding, each site correcting its own cells;
 - ``pooled_harmony``: ``harmonypy.run_harmony`` on the pooled ``none`` embedding.
 
-Metrics (:func:`fedspatial.shared.integration.integration_report`, pooled cells: a
+Metrics (:func:`fedspatial.shared.evaluation.integration.integration_report`, pooled cells: a
 simulation-only view) on labelled cells: iLISI over the batch (here: the site), batch
 ASW, graph connectivity, cLISI, label ASW, and ARI / NMI of k-means (K = number of
 labelled domains) against the labels.
@@ -53,20 +53,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedspatial.shared.atomic import write_json_atomic, write_text_atomic
-from fedspatial.shared.features import (
+from fedspatial.shared.algorithms.harmony import federated_harmony
+from fedspatial.shared.algorithms.pca import federated_pca
+from fedspatial.shared.data.sections import (
+    SiteSection,
+    SiteSource,
+    load_site_sections,
+    prepare_graph_data,
+)
+from fedspatial.shared.evaluation.integration import integration_report
+from fedspatial.shared.features.selection import (
     build_feature_space,
     compute_feature_stats,
     feature_names,
     merge_feature_stats,
     shared_features,
 )
-from fedspatial.shared.harmony import federated_harmony
-from fedspatial.shared.integration import integration_report
 from fedspatial.shared.models import GATAutoencoder
-from fedspatial.shared.pca import federated_pca
-from fedspatial.shared.site import SiteSection, SiteSource, load_site_sections, prepare_graph_data
-from fedspatial.shared.training import GraphData, embed, train_epochs
+from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
+from fedspatial.shared.training.loop import GraphData, embed, train_epochs
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -102,7 +107,7 @@ class Prepared:
 
 # ------------------------------------------------------------------------ data
 def synthetic_setup(seed: int, epochs: int, batch_sigma: float) -> Setup:
-    from fedspatial.shared.synthetic import SyntheticSpec, make_synthetic_federation
+    from fedspatial.shared.data.synthetic import SyntheticSpec, make_synthetic_federation
 
     federation = make_synthetic_federation(SyntheticSpec(seed=seed, batch_sigma=batch_sigma))
     sections = [

@@ -35,7 +35,7 @@ import tomli_w
 from fedspatial import deploy_cli
 from fedspatial.server.simulate import simulate, synthetic_spec
 from fedspatial.shared.config import ExperimentConfig
-from fedspatial.shared.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -28,12 +28,16 @@ import torch
 from fedspatial.client.data_source import read_manifest
 from fedspatial.server.simulate import ensure_federation, simulate
 from fedspatial.shared.config import ExperimentConfig, load_config
-from fedspatial.shared.features import build_feature_space, compute_feature_stats, feature_names
-from fedspatial.shared.graph import bound_in_degree
+from fedspatial.shared.data.sections import SiteSource, load_site_sections, prepare_graph_data
+from fedspatial.shared.features.selection import (
+    build_feature_space,
+    compute_feature_stats,
+    feature_names,
+)
+from fedspatial.shared.graph.neighbors import bound_in_degree
 from fedspatial.shared.models import GATAutoencoder
-from fedspatial.shared.privacy import NodeBound, dp_train_epochs, plan_round
-from fedspatial.shared.site import SiteSource, load_site_sections, prepare_graph_data
-from fedspatial.shared.training import GraphData, train_epochs
+from fedspatial.shared.privacy.dp import NodeBound, dp_train_epochs, plan_round
+from fedspatial.shared.training.loop import GraphData, train_epochs
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -44,7 +44,7 @@ from fedspatial.client.payload import (
     record_arrays,
     split_chains,
 )
-from fedspatial.shared.privacy import PRIVACY_BUDGET_ERROR, PrivacyBudgetExceeded
+from fedspatial.shared.privacy.dp import PRIVACY_BUDGET_ERROR, PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def pca(msg: Message, context: Context) -> Message:
     stage = str(msg.content["config"]["stage"])
     arrays = record_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
     if stage == "store":
-        from fedspatial.shared.pca import PCABasis
+        from fedspatial.shared.algorithms.pca import PCABasis
 
         rt.store_pca(context, PCABasis.from_arrays(arrays))
         n_cells = site.prepare(rt.setup_of(context))  # project now: later rounds reuse it
@@ -226,7 +226,7 @@ def panel(msg: Message, context: Context) -> Message:
     """A small feature panel mapped onto the federation's model inputs: regression sums
     over this site's reference cells (``stage = moments``), or the fitted map for this
     site's sections with that panel (``stage = store``)."""
-    from fedspatial.shared.panels import PanelMap
+    from fedspatial.shared.algorithms.panels import PanelMap
 
     site = rt.site_for(msg, context)
     cfg = msg.content["config"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedspatial.shared.site import SiteSource
+from fedspatial.shared.data.sections import SiteSource
 
 
 class NodeConfigError(ValueError):

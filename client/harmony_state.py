@@ -2,7 +2,7 @@
 
 Flower may route each message of a run to a different worker (simulation) or start a
 new process per message (deployment), so the site's Harmony state (its
-:class:`~fedspatial.shared.harmony.HarmonySite`: uncorrected and corrected
+:class:`~fedspatial.shared.algorithms.harmony.HarmonySite`: uncorrected and corrected
 embeddings, batch codes, soft assignments, the current pass) is saved to the node's
 ``context.state`` after every message and restored from it before the next one, under
 the keys ``fedspatial-harmony-arrays`` (ArrayRecord) and ``fedspatial-harmony-config``
@@ -42,8 +42,8 @@ from flwr.app import ConfigRecord, Context
 
 from fedspatial.client.payload import arrays_record, config_number, record_arrays
 from fedspatial.client.site_runtime import EMBEDDING_KEY
-from fedspatial.shared import clustering
-from fedspatial.shared.harmony import COUNTS, HarmonySite, cosine_normalize
+from fedspatial.shared.algorithms import kmeans as clustering
+from fedspatial.shared.algorithms.harmony import COUNTS, HarmonySite, cosine_normalize
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedspatial.shared.features import FeatureSpace
+from fedspatial.shared.features.selection import FeatureSpace
 
 FEATURE_SPACE_PREFIX = "fs-"
 

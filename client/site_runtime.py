@@ -28,22 +28,33 @@ from fedspatial.client.payload import (
     feature_space_to_config,
     record_arrays,
 )
-from fedspatial.shared import clustering, metrics
-from fedspatial.shared.atomic import write_atomic
+from fedspatial.shared.algorithms import kmeans as clustering
+from fedspatial.shared.algorithms.mixture import MixtureParams, MixtureStats, site_mixture_stats
+from fedspatial.shared.algorithms.panels import PanelMap, panel_moments
+from fedspatial.shared.algorithms.pca import (
+    PCABasis,
+    site_column_sums,
+    site_power_product,
+    site_rayleigh,
+)
 from fedspatial.shared.config import ExperimentConfig
-from fedspatial.shared.features import (
+from fedspatial.shared.data.sections import (
+    SiteSection,
+    load_site_sections,
+    prepare_graph_data,
+    section_features,
+)
+from fedspatial.shared.evaluation import metrics
+from fedspatial.shared.features.selection import (
     FeatureSpace,
     FeatureStats,
     compute_feature_stats,
     feature_names,
 )
-from fedspatial.shared.graph import bound_in_degree
-from fedspatial.shared.mixture import MixtureParams, MixtureStats, site_mixture_stats
+from fedspatial.shared.graph.neighbors import bound_in_degree
 from fedspatial.shared.models import build_model
-from fedspatial.shared.panels import PanelMap, panel_moments
-from fedspatial.shared.pca import PCABasis, site_column_sums, site_power_product, site_rayleigh
 from fedspatial.shared.plots import plot_section_domains
-from fedspatial.shared.privacy import (
+from fedspatial.shared.privacy.dp import (
     LEDGER_FILE,
     NodeBound,
     PrivacyLedger,
@@ -53,13 +64,14 @@ from fedspatial.shared.privacy import (
     noisy_feature_stats,
     plan_round,
 )
-from fedspatial.shared.site import (
-    SiteSection,
-    load_site_sections,
-    prepare_graph_data,
-    section_features,
+from fedspatial.shared.storage.atomic import write_atomic
+from fedspatial.shared.training.loop import (
+    GraphData,
+    TrainResult,
+    embed,
+    evaluate_loss,
+    train_epochs,
 )
-from fedspatial.shared.training import GraphData, TrainResult, embed, evaluate_loss, train_epochs
 
 logger = logging.getLogger(__name__)
 EMBEDDING_KEY = "fedspatial-embedding"
@@ -117,7 +129,7 @@ class SiteSetup:
     """Federated PCA basis the model inputs are projected on (``features.n-pcs``)."""
     mapped: tuple[tuple[str, str], ...] = ()
     """``(section key, panel id)`` of the federation's sections mapped from a small panel
-    (:mod:`fedspatial.shared.panels`)."""
+    (:mod:`fedspatial.shared.algorithms.panels`)."""
     maps: tuple[tuple[str, FeatureSpace, PanelMap], ...] = ()
     """``(panel id, panel feature space, map to the model inputs)`` received so far."""
 
@@ -330,7 +342,7 @@ class SiteRuntime:
     def graph_data(self, setup: SiteSetup) -> GraphData:
         """The model's inputs: standardized features, projected on the federation's PCA
         basis when there is one; a section with a small panel is mapped from its own
-        features (:mod:`fedspatial.shared.panels`)."""
+        features (:mod:`fedspatial.shared.algorithms.panels`)."""
         if self.has_mapped_sections(setup):
             return self._mapped_graph_data(setup)
         if setup.pca is None:
@@ -369,7 +381,7 @@ class SiteRuntime:
 
     def panel_reply(self, setup: SiteSetup, space: FeatureSpace) -> dict[str, np.ndarray]:
         """Regression sums between a panel's features and the model inputs over this
-        site's reference cells (:func:`~fedspatial.shared.panels.panel_moments`)."""
+        site's reference cells (:func:`~fedspatial.shared.algorithms.panels.panel_moments`)."""
         scale = self.cfg.features.scale
         panel = np.concatenate([section_features(s, space, scale=scale) for s in self.reference_sections(setup)])
         return panel_moments(panel, self.reference_inputs(setup))
@@ -434,7 +446,7 @@ class SiteRuntime:
         server_round: int = 0,
     ) -> TrainResult:
         """One round of local training; DP-SGD (charged to the site's ledger, refused with
-        :class:`~fedspatial.shared.privacy.PrivacyBudgetExceeded` past the budget) when
+        :class:`~fedspatial.shared.privacy.dp.PrivacyBudgetExceeded` past the budget) when
         ``privacy.local-dp`` is on."""
         if self.cfg.privacy.local_dp:
             if context is None:

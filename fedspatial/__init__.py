@@ -1,11 +1,18 @@
 """fedspatial: federated learning for spatial omics on Flower.
 
-The project keeps the design card's top-level folders (``server/``, ``client/``,
-``shared/``, ``strategies/``) but imports them as ``fedspatial.<part>`` so that an
-install never shadows generic names such as ``server`` or ``shared``. A wheel maps the
-folders into this package (see ``[tool.setuptools.package-dir]``); in a source checkout
-or an unpacked Flower App bundle the folders sit beside this one, so the package path
-is extended to the project root.
+The design card keeps ``server/``, ``client/``, ``shared/`` and ``strategies/`` as
+top-level folders, but they import as ``fedspatial.<part>`` so that installing the
+project never shadows generic names such as ``server`` or ``shared``. Each part is a
+real sub-package of this one:
+
+- in a source checkout, ``fedspatial/<part>`` is a symbolic link to ``../<part>``, so
+  Python, mypy and code-structure tools resolve ``fedspatial.server.app`` to
+  ``server/app.py`` with no import hook;
+- a wheel or an editable install maps the folders into this package
+  (``[tool.setuptools.package-dir]``);
+- a Flower App bundle (``flwr build``/``flwr run``) leaves symbolic links out, so in an
+  unpacked bundle the parts sit beside this folder and the package path is extended to
+  them (the one case that needs it; ``tests/test_packaging.py`` covers all three).
 """
 
 from __future__ import annotations
@@ -14,6 +21,6 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-_project_root = Path(__file__).resolve().parent.parent
-if (_project_root / "pyproject.toml").is_file() and (_project_root / "shared" / "__init__.py").is_file():
-    __path__.append(str(_project_root))  # type: ignore[name-defined]
+_here = Path(__file__).resolve().parent
+if not (_here / "server" / "__init__.py").is_file() and (_here.parent / "server" / "__init__.py").is_file():
+    __path__.append(str(_here.parent))  # type: ignore[name-defined]  # unpacked Flower App bundle

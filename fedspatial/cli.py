@@ -71,7 +71,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from fedspatial.shared.io import inspect_site
+    from fedspatial.shared.data.io import inspect_site
 
     summary, problems = inspect_site(
         args.path, spatial_key=args.spatial_key, label_key=args.label_key
@@ -89,7 +89,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     from fedspatial.server.simulate import synthetic_spec
-    from fedspatial.shared.synthetic import write_synthetic_federation
+    from fedspatial.shared.data.synthetic import write_synthetic_federation
 
     manifest = write_synthetic_federation(
         args.folder, synthetic_spec(seed=args.seed, scale=args.scale), overwrite=args.overwrite

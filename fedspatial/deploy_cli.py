@@ -423,7 +423,7 @@ def check_site_data(data_path: str | Path, *, spatial_key: str = "spatial", labe
     DeployError
         When the path is missing or any problem is found.
     """
-    from fedspatial.shared.io import inspect_site
+    from fedspatial.shared.data.io import inspect_site
 
     path = Path(data_path).expanduser()
     if not path.exists():
@@ -824,7 +824,7 @@ def parse_result_line(line: str) -> dict[str, Any] | None:
 
 def save_results(bundle: Mapping[str, Any], folder: Path) -> list[Path]:
     """Write the bundle's files into ``folder`` (atomically, names checked)."""
-    from fedspatial.shared.atomic import write_text_atomic
+    from fedspatial.shared.storage.atomic import write_text_atomic
 
     saved = []
     for name, text in bundle["files"].items():

@@ -1,7 +1,7 @@
 """Server sides of the federated PCA, small-panel mapping and Gaussian-mixture phases of a run.
 
 Both are message loops over :func:`~fedspatial.server.messaging.ask`; the arithmetic
-lives in :mod:`fedspatial.shared.pca` and :mod:`fedspatial.shared.mixture`. Sites only
+lives in :mod:`fedspatial.shared.algorithms.pca` and :mod:`fedspatial.shared.algorithms.mixture`. Sites only
 ever return sums over their cells.
 """
 
@@ -22,15 +22,19 @@ from fedspatial.client.payload import (
     split_chains,
 )
 from fedspatial.server.messaging import ask
-from fedspatial.shared.features import FeatureStats, build_feature_space, merge_feature_stats
-from fedspatial.shared.mixture import (
+from fedspatial.shared.algorithms.mixture import (
     FederatedGaussianMixture,
     MixtureParams,
     MixtureStats,
     merge_mixture_stats,
 )
-from fedspatial.shared.panels import PanelMap, fit_panel_map, merge_panel_moments
-from fedspatial.shared.pca import FederatedPCA, PCABasis
+from fedspatial.shared.algorithms.panels import PanelMap, fit_panel_map, merge_panel_moments
+from fedspatial.shared.algorithms.pca import FederatedPCA, PCABasis
+from fedspatial.shared.features.selection import (
+    FeatureStats,
+    build_feature_space,
+    merge_feature_stats,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -45,14 +45,14 @@ from fedspatial.server.harmony_rounds import federated_harmony_rounds
 from fedspatial.server.messaging import SiteGroup, ask, wait_for_nodes
 from fedspatial.server.report import write_run_report
 from fedspatial.server.run_store import RunStore
-from fedspatial.shared import clustering
-from fedspatial.shared.checkpoint import save_checkpoint
+from fedspatial.shared.algorithms import kmeans as clustering
+from fedspatial.shared.algorithms.panels import plan_panels
 from fedspatial.shared.config import ConfigError, ExperimentConfig
-from fedspatial.shared.features import (
+from fedspatial.shared.features.selection import (
     build_feature_space,
 )
 from fedspatial.shared.models import GATAutoencoder
-from fedspatial.shared.panels import plan_panels
+from fedspatial.shared.storage.checkpoint import save_checkpoint
 from fedspatial.strategies import (
     PrivacyBudgetGuard,
     PrivacyBudgetStop,

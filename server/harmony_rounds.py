@@ -2,7 +2,7 @@
 
 After ``query.embed`` every site holds its embedding; this phase corrects it for
 batch effects (sections or sites) with the Harmony protocol of
-:mod:`fedspatial.shared.harmony`, one message round per request, and leaves the
+:mod:`fedspatial.shared.algorithms.harmony`, one message round per request, and leaves the
 corrected embedding at each site for the domain clustering that follows
 (:mod:`fedspatial.client.harmony_state` is the site side). Sites only ever return
 sums over their cells (cluster x batch masses, R-weighted embedding sums, k-means
@@ -12,7 +12,7 @@ own cells in each pass's block order.
 Rounds: ``load`` (sites keep embedding and batch codes, report their size), the
 initial centroids by federated k-means on cosine-normalized embeddings
 (``init-propose``: local k-means proposals, seeded into K centroids; ``init-stats``:
-at most 10 Lloyd rounds, as :func:`~fedspatial.shared.harmony.federated_init_centroids`),
+at most 10 Lloyd rounds, as :func:`~fedspatial.shared.algorithms.harmony.federated_init_centroids`),
 the Harmony requests, and ``store`` (the corrected embedding replaces the site's
 embedding; sites propose k-means centroids of it for the domains).
 """
@@ -38,8 +38,12 @@ from fedspatial.client.harmony_state import (
 )
 from fedspatial.client.payload import arrays_record, record_arrays
 from fedspatial.server.messaging import SiteError, ask
-from fedspatial.shared import clustering
-from fedspatial.shared.harmony import FederatedHarmony, HarmonyRequest, default_n_clusters
+from fedspatial.shared.algorithms import kmeans as clustering
+from fedspatial.shared.algorithms.harmony import (
+    FederatedHarmony,
+    HarmonyRequest,
+    default_n_clusters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +124,7 @@ def init_centroids_rounds(send: _Rounds, n_clusters: int, *, seed: int, max_iter
 
     Sites propose local k-means centroids, the server seeds K centroids from them and
     refines them with federated Lloyd rounds; the same arithmetic as
-    :func:`~fedspatial.shared.harmony.federated_init_centroids`.
+    :func:`~fedspatial.shared.algorithms.harmony.federated_init_centroids`.
     """
     proposals = send(INIT_PROPOSE, config={"harmony-n-clusters": n_clusters, "harmony-seed": seed})
     proposals = [p for p in proposals if len(p.get("counts", ()))]  # sites without cells
@@ -182,7 +186,7 @@ def federated_harmony_rounds(
         Harmony's initial centroids (K x d); None computes them by federated k-means
         (e.g. given harmonypy's own initialization, the result equals harmonypy's).
     **harmony_params
-        :class:`~fedspatial.shared.harmony.FederatedHarmony` parameters (theta, sigma,
+        :class:`~fedspatial.shared.algorithms.harmony.FederatedHarmony` parameters (theta, sigma,
         lamb, max_iter_harmony, ...).
 
     Returns

@@ -35,14 +35,18 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from fedspatial.shared.atomic import write_atomic, write_json_atomic, write_text_atomic
-from fedspatial.shared.integration import combine_site_reports, integration_report, site_report
-from fedspatial.shared.metrics import (
+from fedspatial.shared.evaluation.integration import (
+    combine_site_reports,
+    integration_report,
+    site_report,
+)
+from fedspatial.shared.evaluation.metrics import (
     ari_from_contingency,
     contingency,
     merge_contingency,
     nmi_from_contingency,
 )
+from fedspatial.shared.storage.atomic import write_atomic, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from fedspatial.shared.atomic import write_json_atomic, write_text_atomic
-from fedspatial.shared.metrics import (
+from fedspatial.shared.evaluation.metrics import (
     Contingency,
     ari_from_contingency,
     merge_contingency,
     nmi_from_contingency,
 )
 from fedspatial.shared.plots import plot_loss
+from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import torch
 from flwr.app import ArrayRecord
 from safetensors.torch import load_file
 
-from fedspatial.shared.atomic import write_json_atomic
-from fedspatial.shared.checkpoint import WEIGHTS, save_checkpoint
+from fedspatial.shared.storage.atomic import write_json_atomic
+from fedspatial.shared.storage.checkpoint import WEIGHTS, save_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,13 @@ from typing import Any
 from fedspatial.client.data_source import read_manifest
 from fedspatial.server.report import contingency_from_json, summarize_sites, write_comparison
 from fedspatial.server.run_store import RunExistsError
-from fedspatial.shared.atomic import write_json_atomic, write_text_atomic
 from fedspatial.shared.config import ExperimentConfig
-from fedspatial.shared.metrics import ari_from_contingency, merge_contingency, nmi_from_contingency
+from fedspatial.shared.evaluation.metrics import (
+    ari_from_contingency,
+    merge_contingency,
+    nmi_from_contingency,
+)
+from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ def ensure_federation(cfg: ExperimentConfig) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"data.manifest: {path} does not exist")
         return path.resolve()
-    from fedspatial.shared.synthetic import write_synthetic_federation
+    from fedspatial.shared.data.synthetic import write_synthetic_federation
 
     spec = synthetic_spec(seed=cfg.seed, scale=cfg.data.synthetic_scale)
     root = Path(cfg.data.synthetic_dir)
@@ -56,7 +60,7 @@ def synthetic_spec(*, seed: int = 0, scale: float = 1.0) -> Any:
     """The built-in federation's spec with section sizes multiplied by ``scale``."""
     import dataclasses
 
-    from fedspatial.shared.synthetic import SyntheticSpec
+    from fedspatial.shared.data.synthetic import SyntheticSpec
 
     base = SyntheticSpec(seed=seed)
     sizes = tuple(max(1, round(v * scale)) for v in base.spots_per_section)

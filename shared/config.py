@@ -55,7 +55,7 @@ class FeaturesConfig:
     """A section holding fewer than this fraction of the median section's features (a
     small targeted panel) is mapped onto the others' model inputs by a federated
     regression instead of shrinking everybody's features to the ones it has
-    (shared/panels.py); 0: plain intersection over all sections."""
+    (shared/algorithms/panels.py); 0: plain intersection over all sections."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (
 )
 from opacus.accountants import RDPAccountant
 
-from fedspatial.shared.privacy import PRIVACY_BUDGET_ERROR
+from fedspatial.shared.privacy.dp import PRIVACY_BUDGET_ERROR
 
 logger = logging.getLogger(__name__)
 

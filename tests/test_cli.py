@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedspatial.cli import main
-from fedspatial.shared.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for fedspatial.shared.clustering (federated k-means and site helpers)."""
+"""Tests for fedspatial.shared.algorithms.kmeans (federated k-means and site helpers)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from fedspatial.shared import clustering
-from fedspatial.shared.clustering import (
+from fedspatial.shared.algorithms import kmeans as clustering
+from fedspatial.shared.algorithms.kmeans import (
     ClusterStats,
     FeatureMoments,
     FederatedKMeans,

@@ -39,7 +39,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from fedspatial import deploy_cli
 from fedspatial.deploy_cli import DeployError
-from fedspatial.shared.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
 
 pytestmark = pytest.mark.deploy
 

@@ -40,9 +40,9 @@ def test_manifest_has_one_hospital_per_section(tmp_path):
 
 @pytest.mark.skipif(not (DATA / "151510.h5ad").is_file(), reason="DLPFC data not present")
 def test_mixed_panel_is_mapped_not_intersected():
-    from fedspatial.shared.features import feature_names
-    from fedspatial.shared.io import load_site
-    from fedspatial.shared.panels import plan_panels
+    from fedspatial.shared.algorithms.panels import plan_panels
+    from fedspatial.shared.data.io import load_site
+    from fedspatial.shared.features.selection import feature_names
 
     names = {}
     for s in (*_bench().FOUR, _bench().OTHER_DONOR):

@@ -1,4 +1,4 @@
-"""Tests for fedspatial.shared.features.
+"""Tests for fedspatial.shared.features.selection.
 
 The key property: the feature space built from per-site aggregates equals what
 scanpy computes on the pooled cells (which no party ever holds).
@@ -15,7 +15,7 @@ import pytest
 import scanpy as sc
 from scipy import sparse
 
-from fedspatial.shared.features import (
+from fedspatial.shared.features.selection import (
     FeatureSpace,
     FeatureStats,
     HarmonizationError,

@@ -1,4 +1,4 @@
-"""Tests for fedspatial.shared.graph on hand-checkable grids."""
+"""Tests for fedspatial.shared.graph.neighbors on hand-checkable grids."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-from fedspatial.shared.graph import (
+from fedspatial.shared.graph.neighbors import (
     knn_neighbors,
     neighbors_to_edge_index,
     radius_neighbors,
@@ -263,7 +263,7 @@ def test_spatial_neighbors_errors():
 
 
 def test_bound_in_degree_on_a_line():
-    from fedspatial.shared.graph import bound_in_degree, in_degree
+    from fedspatial.shared.graph.neighbors import bound_in_degree, in_degree
 
     coords = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]])
     nb = knn_neighbors(coords, 2)

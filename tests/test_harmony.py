@@ -1,4 +1,4 @@
-"""Tests for fedspatial.shared.harmony (federated Harmony reproducing harmonypy)."""
+"""Tests for fedspatial.shared.algorithms.harmony (federated Harmony reproducing harmonypy)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedspatial.shared.harmony import (
+from fedspatial.shared.algorithms.harmony import (
     ASSIGN,
     COUNTS,
     FederatedHarmony,
@@ -20,7 +20,7 @@ from fedspatial.shared.harmony import (
     run_protocol,
     std_shuffle,
 )
-from fedspatial.shared.integration import batch_asw, clisi, ilisi
+from fedspatial.shared.evaluation.integration import batch_asw, clisi, ilisi
 
 logger = logging.getLogger(__name__)
 

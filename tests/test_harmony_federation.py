@@ -32,7 +32,7 @@ from fedspatial.client.site_runtime import EMBEDDING_KEY
 from fedspatial.server.harmony_rounds import federated_harmony_rounds
 from fedspatial.server.integration_report import POOLED, SITE_COMPUTABLE, write_integration_report
 from fedspatial.server.messaging import SiteError
-from fedspatial.shared.harmony import HarmonySite, federated_harmony
+from fedspatial.shared.algorithms.harmony import HarmonySite, federated_harmony
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Tests for fedspatial.shared.integration (batch mixing and biology metrics)."""
+"""Tests for fedspatial.shared.evaluation.integration (batch mixing and biology metrics)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from fedspatial.shared.integration import (
+from fedspatial.shared.evaluation.integration import (
     ari_nmi_from_contingency,
     batch_asw,
     clisi,

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-from fedspatial.shared.io import inspect_site, list_h5ad, load_site, summarize_site
-from fedspatial.shared.validation import DataValidationError, validate_section
+from fedspatial.shared.data.io import inspect_site, list_h5ad, load_site, summarize_site
+from fedspatial.shared.data.validation import DataValidationError, validate_section
 
 
 def _make_adata(
@@ -186,7 +186,7 @@ def test_log_transformed_data_only_warns(caplog):
 
 
 def test_dense_x_is_scanned_in_blocks(monkeypatch):
-    import fedspatial.shared.validation as validation
+    import fedspatial.shared.data.validation as validation
 
     monkeypatch.setattr(validation, "_DENSE_BLOCK_ELEMENTS", 16)
     adata = _make_adata(n_obs=50, dense=True)

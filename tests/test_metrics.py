@@ -1,4 +1,4 @@
-"""Tests for fedspatial.shared.metrics (contingency-based ARI / NMI)."""
+"""Tests for fedspatial.shared.evaluation.metrics (contingency-based ARI / NMI)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from fedspatial.shared.metrics import (
+from fedspatial.shared.evaluation.metrics import (
     Contingency,
     ari_from_contingency,
     contingency,

@@ -7,7 +7,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
-from fedspatial.shared.mixture import (
+from fedspatial.shared.algorithms.mixture import (
     MixtureParams,
     MixtureStats,
     federated_gaussian_mixture,
@@ -42,7 +42,7 @@ def test_federated_em_equals_pooled_sklearn(covariance_type: str) -> None:
         [site_mixture_stats(s, labels=lab, n_components=4, covariance_type=covariance_type)
          for s, lab in zip(sites, np.split(labels, splits), strict=True)]
     )
-    from fedspatial.shared.mixture import m_step
+    from fedspatial.shared.algorithms.mixture import m_step
 
     start = m_step(init, covariance_type=covariance_type)
     gm = GaussianMixture(
@@ -67,7 +67,7 @@ def test_tied_mixture_hand_checkable() -> None:
     # tied covariance the pooled within-component scatter / n.
     X = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 1.0], [10.0, 3.0]])
     stats = site_mixture_stats(X, labels=np.array([0, 0, 1, 1]), n_components=2)
-    from fedspatial.shared.mixture import m_step
+    from fedspatial.shared.algorithms.mixture import m_step
 
     p = m_step(stats, reg_covar=0.0)
     np.testing.assert_allclose(p.means, [[1.0, 0.0], [10.0, 2.0]], atol=1e-12)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedspatial.shared.graph import knn_neighbors
+from fedspatial.shared.graph.neighbors import knn_neighbors
 from fedspatial.shared.models import GATAutoencoder, NeighbourhoodAttention, build_model
-from fedspatial.shared.training import GraphData, embed, evaluate_loss, train_epochs
+from fedspatial.shared.training.loop import GraphData, embed, evaluate_loss, train_epochs
 
 
 def _grid_data(n_side=5, n_features=7, k=4, seed=0):

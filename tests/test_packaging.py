@@ -31,10 +31,10 @@ def test_wheel_maps_folders_into_the_package(tmp_path):
 
 def test_editable_install_imports_from_the_checkout():
     import fedspatial.server.app as server_app
-    import fedspatial.shared.training as training
+    import fedspatial.shared.training.loop as training
 
     assert Path(server_app.__file__).resolve() == ROOT / "server" / "app.py"
-    assert Path(training.__file__).resolve() == ROOT / "shared" / "training.py"
+    assert Path(training.__file__).resolve() == ROOT / "shared" / "training" / "loop.py"
 
 
 def test_flower_app_bundle_imports_its_own_copy(tmp_path):

@@ -1,4 +1,4 @@
-"""Small feature panels mapped onto the federation's model inputs (shared/panels.py)."""
+"""Small feature panels mapped onto the federation's model inputs (shared/algorithms/panels.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import pytest
 from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 
-from fedspatial.shared.features import (
-    HarmonizationError,
-    build_feature_space,
-    compute_feature_stats,
-)
-from fedspatial.shared.panels import (
+from fedspatial.shared.algorithms.panels import (
     PanelMap,
     fit_panel_map,
     merge_panel_moments,
     panel_moments,
     plan_panels,
+)
+from fedspatial.shared.features.selection import (
+    HarmonizationError,
+    build_feature_space,
+    compute_feature_stats,
 )
 
 

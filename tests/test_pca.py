@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from fedspatial.shared.pca import FederatedPCA, PCABasis, federated_pca
+from fedspatial.shared.algorithms.pca import FederatedPCA, PCABasis, federated_pca
 
 
 def _sites(seed: int = 0) -> list[np.ndarray]:

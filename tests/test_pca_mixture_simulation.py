@@ -12,7 +12,7 @@ import pytest
 
 from fedspatial.server.simulate import simulate
 from fedspatial.shared.config import ExperimentConfig
-from fedspatial.shared.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
 
 pytestmark = pytest.mark.flower
 

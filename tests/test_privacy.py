@@ -14,9 +14,9 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedspatial.shared.graph import bound_in_degree, in_degree, knn_neighbors
+from fedspatial.shared.graph.neighbors import bound_in_degree, in_degree, knn_neighbors
 from fedspatial.shared.models import GATAutoencoder, NeighbourhoodAttention
-from fedspatial.shared.privacy import (
+from fedspatial.shared.privacy.dp import (
     NodeBound,
     PrivacyBudgetExceeded,
     PrivacyLedger,
@@ -28,7 +28,7 @@ from fedspatial.shared.privacy import (
     plan_round,
     validate_model,
 )
-from fedspatial.shared.training import GraphData
+from fedspatial.shared.training.loop import GraphData
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
 
@@ -111,7 +111,7 @@ def test_ghost_clipping_equals_clipped_microbatch_sum(name):
         torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
         expected_batch_size=len(x), loss_reduction="mean",
     )
-    from fedspatial.shared.privacy import _PerSampleLoss
+    from fedspatial.shared.privacy.dp import _PerSampleLoss
 
     criterion = DPLossFastGradientClipping(gsm, opt, _PerSampleLoss(), "mean")
     opt.zero_grad()

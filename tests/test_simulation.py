@@ -13,7 +13,7 @@ import pytest
 from fedspatial.server.run_store import RunExistsError
 from fedspatial.server.simulate import simulate
 from fedspatial.shared.config import ExperimentConfig
-from fedspatial.shared.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
 
 pytestmark = pytest.mark.flower
 

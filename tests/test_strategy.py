@@ -67,7 +67,7 @@ def test_round_offset_on_resume():
 def _refusal(request, reason):
     from flwr.app import Error
 
-    from fedspatial.shared.privacy import PRIVACY_BUDGET_ERROR
+    from fedspatial.shared.privacy.dp import PRIVACY_BUDGET_ERROR
 
     return Message(Error(code=PRIVACY_BUDGET_ERROR, reason=reason), reply_to=request)
 

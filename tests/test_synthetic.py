@@ -11,8 +11,8 @@ from scipy.spatial import cKDTree
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from fedspatial.shared.io import load_site
-from fedspatial.shared.synthetic import (
+from fedspatial.shared.data.io import load_site
+from fedspatial.shared.data.synthetic import (
     SyntheticSpec,
     make_synthetic_federation,
     site_name,

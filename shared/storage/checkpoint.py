@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedspatial.shared.atomic import write_atomic, write_json_atomic
 from fedspatial.shared.models import build_model
+from fedspatial.shared.storage.atomic import write_atomic, write_json_atomic
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"

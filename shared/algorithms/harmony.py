@@ -96,7 +96,11 @@ from typing import Any
 
 import numpy as np
 
-from fedspatial.shared.clustering import federated_kmeans, init_from_site_centroids, local_kmeans
+from fedspatial.shared.algorithms.kmeans import (
+    federated_kmeans,
+    init_from_site_centroids,
+    local_kmeans,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -1016,7 +1020,7 @@ def federated_init_centroids(
 
     Sites propose local k-means centroids, the server seeds K global centroids
     from them and refines them with federated Lloyd iterations
-    (:mod:`fedspatial.shared.clustering`); harmonypy refines its seeds with 10
+    (:mod:`fedspatial.shared.algorithms.kmeans`); harmonypy refines its seeds with 10
     Lloyd iterations on the same normalized data.
 
     Parameters

@@ -18,7 +18,7 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from fedspatial.shared.validation import DataValidationError, validate_section
+from fedspatial.shared.data.validation import DataValidationError, validate_section
 
 log = logging.getLogger(__name__)
 

@@ -706,7 +706,7 @@ def build_feature_space(
     n_top_features
         Number of highly-variable features to select (:func:`highly_variable_mask`);
         ``None`` keeps every feature (a small panel's standardization, see
-        :mod:`fedspatial.shared.panels`).
+        :mod:`fedspatial.shared.algorithms.panels`).
     target_sum
         Total per cell used for the statistics (stored for :func:`transform`).
     feature_key

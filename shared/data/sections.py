@@ -15,10 +15,10 @@ import anndata as ad
 import numpy as np
 import torch
 
-from fedspatial.shared.features import FeatureSpace, transform
-from fedspatial.shared.graph import section_neighbors
-from fedspatial.shared.io import load_site
-from fedspatial.shared.training import GraphData
+from fedspatial.shared.features.selection import FeatureSpace, transform
+from fedspatial.shared.graph.neighbors import section_neighbors
+from fedspatial.shared.data.io import load_site
+from fedspatial.shared.training.loop import GraphData
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def prepare_graph_data(
     ``batch_of`` maps a section key (``site/section``) to its federation-wide batch code
     for a batch-aware decoder (None: no batch codes). ``inputs``, when given, computes a
     section's rows instead (e.g. sections mapped from a small panel, see
-    :mod:`fedspatial.shared.panels`).
+    :mod:`fedspatial.shared.algorithms.panels`).
     """
     xs, nbrs, ranges = [], [], []
     offset = 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedspatial.shared.features import HarmonizationError
+from fedspatial.shared.features.selection import HarmonizationError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def plan_panels(section_features: Mapping[str, Sequence[str]], *, min_fraction: 
         If no section is given, or a mapped panel shares no feature with the reference
         sections (the message names it).
     """
-    from fedspatial.shared.features import shared_features
+    from fedspatial.shared.features.selection import shared_features
 
     if not section_features:
         raise HarmonizationError("no sections given; cannot build a shared feature space.")

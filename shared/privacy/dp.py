@@ -6,7 +6,7 @@ calls :func:`dp_train_epochs` for each round.
 **Privacy unit: one cell** (its feature vector and its edges in the site's
 degree-bounded neighbourhood graph). Training samples are ego neighbourhoods
 ``[1 + k, F]``; one cell is the centre of its own and, because every cell appears in
-at most ``D`` neighbour lists (:func:`fedspatial.shared.graph.bound_in_degree`), a
+at most ``D`` neighbour lists (:func:`fedspatial.shared.graph.neighbors.bound_in_degree`), a
 neighbour in at most ``D`` others. Removing a cell removes its own sample (its clipped
 gradient moves the sum by at most ``C``) and changes at most ``D`` samples (``2C``
 each), so the node-level L2 sensitivity of a step's gradient sum is
@@ -49,8 +49,8 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
-from fedspatial.shared.atomic import write_json_atomic
-from fedspatial.shared.training import GraphData, TrainResult
+from fedspatial.shared.storage.atomic import write_json_atomic
+from fedspatial.shared.training.loop import GraphData, TrainResult
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The numpy math of each federated algorithm, tested against its pooled reference."""

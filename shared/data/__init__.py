@@ -1,0 +1,1 @@
+"""Site data: reading and validating sections, the built-in synthetic federation."""

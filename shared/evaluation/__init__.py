@@ -1,0 +1,1 @@
+"""Evaluation: clustering scores and integration (batch mixing) metrics."""

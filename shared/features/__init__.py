@@ -1,0 +1,1 @@
+"""Federated feature space: per-feature statistics, highly variable selection, standardization."""

@@ -1,0 +1,1 @@
+"""Spatial neighbourhood graphs, built per section (never across sections or sites)."""

@@ -1,0 +1,1 @@
+"""Differential privacy at a site: DP-SGD, accounting, the privacy ledger."""

@@ -1,0 +1,1 @@
+"""Local training of an encoder on one site's neighbourhood mini-batches."""
