@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from fedspatial.client.data_source import read_manifest
 from fedspatial.server.simulate import simulate
 from fedspatial.shared.config import load_config
+from fedspatial.shared.data.manifest import read_manifest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from fedspatial.client.data_source import read_manifest
 from fedspatial.server.simulate import ensure_federation, simulate
 from fedspatial.shared.config import ExperimentConfig, load_config
+from fedspatial.shared.data.manifest import read_manifest
 from fedspatial.shared.data.sections import SiteSource, load_site_sections, prepare_graph_data
 from fedspatial.shared.features.selection import (
     build_feature_space,

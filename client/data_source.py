@@ -10,17 +10,18 @@ named by the run config key ``manifest`` or the ``FEDSPATIAL_MANIFEST`` variable
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedspatial.shared.data.manifest import read_manifest
 from fedspatial.shared.data.sections import SiteSource
 
 
 class NodeConfigError(ValueError):
     """The SuperNode was started without what it needs to find its data."""
+
 
 
 @dataclass(frozen=True)
@@ -82,25 +83,3 @@ def resolve_node_data(
     budgets = [_budget(x) for x in (node_config.get("privacy-budget"), node.get("privacy-budget"), *(s.get("privacy-budget") for s in node["sites"]))]
     budget = min((b for b in budgets if b is not None), default=None)
     return NodeData(node["name"], sources, output, budget)
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read a manifest: ``{"nodes": [{"name", "sites": [{"name", "data-path"}]}]}``, or a
-    synthetic federation's ``{"sites": [{"name", "data-path"}]}`` (one site per node)."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NodeConfigError(f"federation manifest {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise NodeConfigError(f"federation manifest {path} is not valid JSON: {err}") from None
-    if "nodes" not in raw and "sites" in raw:
-        raw = {"nodes": [{"name": s["name"], "sites": [s]} for s in raw["sites"]]}
-    if not raw.get("nodes"):
-        raise NodeConfigError(f"federation manifest {path} lists no nodes")
-    base = path.parent
-    for node in raw["nodes"]:
-        for site in node["sites"]:
-            p = Path(site["data-path"])
-            site["data-path"] = str(p if p.is_absolute() else (base / p).resolve())
-    return raw

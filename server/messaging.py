@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 logger = logging.getLogger(__name__)
@@ -194,27 +194,24 @@ def ask(
     nodes: Iterable[int],
     action: str,
     *,
-    config: Mapping[str, object] | None = None,
-    arrays: ArrayRecord | Mapping[int, ArrayRecord] | None = None,
+    content: RecordDict | Mapping[int, RecordDict] | None = None,
     names: Mapping[int, str] | None = None,
     timeout: float = 3600.0,
     allow_failures: bool = False,
 ) -> dict[int, RecordDict]:
     """Send ``query.<action>`` to each node; return ``{node_id: reply content}``.
 
-    ``arrays`` may be one record for everybody or one per node. A site that fails raises
-    :class:`SiteError` naming the site and its reason, unless ``allow_failures``. With a
-    :class:`SiteGroup`, a failed site is dropped instead and :class:`SiteError` is raised
-    only when fewer than its ``min_nodes`` remain.
+    ``content`` may be one RecordDict for everybody or one per node. A site that fails
+    raises :class:`SiteError` naming the site and its reason, unless ``allow_failures``.
+    With a :class:`SiteGroup`, a failed site is dropped instead and :class:`SiteError` is
+    raised only when fewer than its ``min_nodes`` remain.
     """
     messages = []
     for node in nodes:
-        content = RecordDict({"config": ConfigRecord(dict(config or {}))})  # type: ignore[arg-type]
-        # ArrayRecord is itself a Mapping (of arrays), so test for it first.
-        record = arrays if isinstance(arrays, ArrayRecord) or arrays is None else arrays.get(node)
-        if record is not None:
-            content["arrays"] = record
-        messages.append(Message(content=content, dst_node_id=node, message_type=f"query.{action}"))
+        body = content.get(node) if isinstance(content, Mapping) and not isinstance(content, RecordDict) else content
+        # one RecordDict per message; the records inside may be shared
+        body = RecordDict(dict((body or RecordDict()).items()))
+        messages.append(Message(content=body, dst_node_id=node, message_type=f"query.{action}"))
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     if isinstance(grid, SiteGroup):
         grid.require(f"query.{action}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.evaluation.metrics import (
     Contingency,
     ari_from_contingency,
@@ -18,6 +19,7 @@ from fedspatial.shared.evaluation.metrics import (
 )
 from fedspatial.shared.plots import plot_loss
 from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
+from fedspatial.strategies.privacy import central_dp_epsilon
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +133,40 @@ def write_comparison(folder: str | Path, results: Mapping[str, Mapping[str, Any]
     write_json_atomic(Path(folder) / "summary.json", results)
     write_text_atomic(Path(folder) / "summary.md", "# fedspatial run summary\n\n" + table)
     return table
+
+
+def privacy_summary(
+    cfg: ExperimentConfig,
+    history: list[dict[str, Any]],
+    names: dict[str, str],
+    stopped: dict[str, Any] | None,
+    refusals: dict[int, dict[int, str]],
+) -> dict[str, Any]:
+    """What the run's report says about privacy: each site's epsilon after its last
+    round (its own ledger has the details), central DP's client-level epsilon, SecAgg+."""
+    p = cfg.privacy
+    out: dict[str, Any] = {"local-dp": p.local_dp, "central-dp": p.central_dp, "secagg": p.secagg}
+    if p.local_dp:
+        spent: dict[str, Any] = {}
+        for entry in history:
+            for node, m in entry.get("sites", {}).items():
+                if "dp-epsilon" in m:
+                    spent[names.get(node, node)] = {"epsilon": m["dp-epsilon"], "delta": m.get("dp-delta"), "after-round": entry["round"]}
+        out["site-epsilon"] = spent
+        out["ledger"] = "privacy_ledger.json in each site's results folder"
+    if p.central_dp != "none":
+        rounds = sum(1 for e in history if e.get("n-sites"))
+        out["central"] = {
+            "mode": p.central_dp,
+            "noise-multiplier": p.central_noise_multiplier,
+            "clipping-norm": p.central_clipping_norm,
+            "rounds": rounds,
+            "delta": p.delta,
+            "client-level-epsilon": central_dp_epsilon(p.central_noise_multiplier, rounds, p.delta),
+            "privacy-unit": "one site (its whole model update), every site in every round, equal weights",
+        }
+    if stopped is not None:
+        out["stopped"] = stopped
+    if refusals:
+        out["refusals"] = {str(r): {names.get(str(n), str(n)): why for n, why in by.items()} for r, by in refusals.items()}
+    return out

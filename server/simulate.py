@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedspatial.client.data_source import read_manifest
 from fedspatial.server.report import contingency_from_json, summarize_sites, write_comparison
 from fedspatial.server.run_store import RunExistsError
 from fedspatial.shared.config import ExperimentConfig
+from fedspatial.shared.data.manifest import read_manifest
 from fedspatial.shared.evaluation.metrics import (
     ari_from_contingency,
     merge_contingency,
@@ -63,8 +63,8 @@ def synthetic_spec(*, seed: int = 0, scale: float = 1.0) -> Any:
     from fedspatial.shared.data.synthetic import SyntheticSpec
 
     base = SyntheticSpec(seed=seed)
-    sizes = tuple(max(1, round(v * scale)) for v in base.spots_per_section)
-    return dataclasses.replace(base, spots_per_section=sizes)
+    low, high = (max(1, round(v * scale)) for v in base.spots_per_section)
+    return dataclasses.replace(base, spots_per_section=(low, high))
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:

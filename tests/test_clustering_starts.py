@@ -1,10 +1,10 @@
-"""Several clustering starts carried side by side in one message (client/payload.py)."""
+"""Several clustering starts carried side by side in one message (shared/protocol/payload.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedspatial.client.payload import chain_arrays, split_chains
+from fedspatial.shared.protocol.payload import chain_arrays, split_chains
 
 
 def test_clustering_starts_share_one_message():

@@ -1,6 +1,7 @@
-"""Federated Harmony over Flower messages: server rounds + site handler, state kept
-only in ``context.state`` (serialized between every message), against the in-memory
-reference and pooled harmonypy."""
+"""Federated Harmony over Flower messages: the Harmony phase's server half (through the
+run's Flower federation) and site half, state kept only in ``context.state``
+(serialized between every message), against the in-memory reference and pooled
+harmonypy."""
 
 from __future__ import annotations
 
@@ -13,26 +14,30 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from fedspatial.client.harmony_state import (
-    HARMONY_PREFIX,
-    UNCORRECTED,
+from fedspatial.client.site import ContextState
+from fedspatial.records import from_recorddict, to_recorddict
+from fedspatial.server.federation import FlowerFederation
+from fedspatial.server.integration_report import POOLED, SITE_COMPUTABLE, write_integration_report
+from fedspatial.server.messaging import SiteError, SiteGroup
+from fedspatial.shared.algorithms.harmony import HarmonySite, federated_harmony
+from fedspatial.shared.phases.embedding import EMBEDDING_KEY, UNCORRECTED, uncorrected_embedding
+from fedspatial.shared.phases.harmony import (
+    KIND_KEY,
+    STATE_KEY,
+    HarmonyPhase,
     cell_batches,
+    federated_harmony_rounds,
     harmony_reply,
     has_harmony_site,
     load_harmony_site,
     save_harmony_site,
-    uncorrected_embedding,
 )
-from fedspatial.client.payload import arrays_record, record_arrays
-from fedspatial.client.site_runtime import EMBEDDING_KEY
-from fedspatial.server.harmony_rounds import federated_harmony_rounds
-from fedspatial.server.integration_report import POOLED, SITE_COMPUTABLE, write_integration_report
-from fedspatial.server.messaging import SiteError
-from fedspatial.shared.algorithms.harmony import HarmonySite, federated_harmony
+from fedspatial.shared.protocol.names import Query
+from fedspatial.shared.protocol.payload import Payload
 
 
 @pytest.fixture(autouse=True)
@@ -80,9 +85,9 @@ def _embeddings(seed: int = 0, d: int = 8) -> dict[str, np.ndarray]:
 
 
 class _Grid:
-    """Delivers each message to its site's handler with a real Flower ``Context`` whose
-    state is serialized (protobuf) after every message and rebuilt before the next, so
-    nothing survives between messages but ``context.state``."""
+    """Delivers each message to its site's Harmony phase with a real Flower ``Context``
+    whose state is serialized (protobuf) after every message and rebuilt before the
+    next, so nothing survives between messages but ``context.state``."""
 
     def __init__(self, embeddings: Mapping[str, np.ndarray]) -> None:
         self.state: dict[int, bytes] = {}
@@ -90,6 +95,7 @@ class _Grid:
             state = RecordDict({EMBEDDING_KEY: ArrayRecord({"z": Array(embeddings[site])})})
             self.state[node] = recorddict_to_proto(state).SerializeToString()
         self.sent: dict[str, Message] = {}
+        self.replies: dict[str, Message] = {}
         self.reply_shapes: list[tuple[str, tuple[int, ...]]] = []
         self.fail: set[int] = set()
 
@@ -101,31 +107,33 @@ class _Grid:
         proto.ParseFromString(self.state[node])
         return Context(run_id=1, node_id=node, node_config={}, state=recorddict_from_proto(proto), run_config={})
 
-    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
         for msg in messages:
             node = msg.metadata.dst_node_id
             assert msg.metadata.message_type == "query.harmony"
             msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
             self.sent[msg.metadata.message_id] = msg
             context = self.context(node)
-            replies.append(self.handle(msg, context, node))
+            self.replies[msg.metadata.message_id] = self.handle(msg, context, node)
             self.state[node] = recorddict_to_proto(context.state).SerializeToString()
-        return replies
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        return [self.replies.pop(mid) for mid in message_ids if mid in self.replies]
 
     def handle(self, msg: Message, context: Context, node: int) -> Message:
-        """What the ClientApp's ``query.harmony`` handler does (see the hook)."""
+        """What the ClientApp's ``query.harmony`` handler does."""
         if node in self.fail:
             from flwr.app import Error
 
             return Message(Error(code=0, reason="site crashed"), reply_to=msg)
-        cfg = msg.content["config"]
-        arrays = record_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}  # type: ignore[arg-type]
-        site = SimpleNamespace(sections=_sections(NAMES[node]))
-        reply = harmony_reply(site, context, str(cfg["harmony-kind"]), arrays, dict(cfg))  # type: ignore[arg-type]
-        self.reply_shapes += [(str(cfg["harmony-kind"]), np.shape(v)) for v in reply.values()]
-        content = RecordDict({"arrays": arrays_record(reply), "metrics": MetricRecord({"num-examples": 1})})
-        return Message(content=content, reply_to=msg)
+        request = from_recorddict(msg.content)
+        site = SimpleNamespace(sections=_sections(NAMES[node]), state=ContextState(context.state), n_cells=1)
+        reply = HarmonyPhase().answer(site, Query.HARMONY, request)  # type: ignore[arg-type]
+        self.reply_shapes += [(request.string(KIND_KEY), np.shape(v)) for v in reply.arrays.values()]
+        return Message(content=to_recorddict(reply), reply_to=msg)
 
 
 def _site_order() -> list[str]:
@@ -139,9 +147,10 @@ def _section_batches() -> tuple[list[str], dict[str, np.ndarray]]:
 
 def _run(grid: _Grid, **kwargs: Any) -> dict[str, Any]:
     batches, _ = _section_batches()
-    return federated_harmony_rounds(
-        grid, sorted(NAMES), NAMES, {"run-config": "{}"}, batches=batches, batch="section", **kwargs
-    )
+    group = SiteGroup(grid, sorted(NAMES), min_nodes=1)  # type: ignore[arg-type]
+    group.names.update(NAMES)
+    fed = FlowerFederation(group, {})
+    return federated_harmony_rounds(fed, batches=batches, batch="section", **kwargs)
 
 
 def _state_of(grid: _Grid, site: str) -> Context:
@@ -164,13 +173,13 @@ def test_flower_rounds_equal_the_in_memory_reference() -> None:
         record = context.state.array_records[EMBEDDING_KEY]
         assert np.abs(record["z"].numpy() - want).max() < 1e-6
         # The uncorrected embedding is kept beside it; the Harmony state is gone.
-        np.testing.assert_array_equal(uncorrected_embedding(context), Z[site])
+        np.testing.assert_array_equal(uncorrected_embedding(ContextState(context.state)), Z[site])
         np.testing.assert_array_equal(record[UNCORRECTED].numpy(), Z[site])
-        assert not has_harmony_site(context)
+        assert not has_harmony_site(ContextState(context.state))
         assert np.abs(want - Z[site]).max() > 0.1  # it did correct something
     assert info["iterations"] >= 1 and info["rounds"] > 10 and info["n_clusters"] == 6
     # Domain proposals of the corrected embeddings, one per site in name order.
-    assert [NAMES[n] for n in info["proposals"]] == _site_order()
+    assert list(info["proposals"]) == _site_order()
     assert all(p["centroids"].shape == (3, 8) for p in info["proposals"].values())
     # Replies are cluster-level: no reply has a dimension of a site's cell count.
     sizes = {n for secs in SECTIONS.values() for n in (sum(c for _, c in secs),)}
@@ -219,17 +228,18 @@ def test_state_round_trip_and_missing_state() -> None:
     site = HarmonySite(rng.normal(size=(20, 3)), rng.integers(0, 2, 20))
     site.handle({"kind": "counts", "n_batches": 2})
     site.handle({"kind": "assign", "centroids": rng.normal(size=(4, 3)), "sigma": np.full(4, 0.1)})
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    records = RecordDict()
+    state = ContextState(records)
     with pytest.raises(RuntimeError, match="no federated Harmony state"):
-        load_harmony_site(context)
-    save_harmony_site(context, site)
-    back = load_harmony_site(context)
+        load_harmony_site(state)
+    save_harmony_site(state, site)
+    back = load_harmony_site(state)
     for name in ("Z_orig", "batches", "corrected", "_R", "_dist", "_sigma"):
         np.testing.assert_array_equal(getattr(back, name), getattr(site, name))
-    assert back._n_batches == 2 and f"{HARMONY_PREFIX}-arrays" in context.state
+    assert back._n_batches == 2 and STATE_KEY in records
     # Without an embedding the site says what is missing.
     with pytest.raises(RuntimeError, match=r"query\.embed"):
-        harmony_reply(SimpleNamespace(sections=[]), Context(1, 1, {}, RecordDict(), {}), "load", {}, {})
+        harmony_reply([], ContextState(RecordDict()), Payload(config={KIND_KEY: "load"}))
 
 
 def test_a_lost_site_stops_the_protocol_with_its_name() -> None:

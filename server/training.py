@@ -1,0 +1,121 @@
+"""Federated training rounds over Flower: the server side of the training phase.
+
+The rounds run through Flower's strategies: :class:`SpatialFedAvg` (weighted by
+``num-examples``), wrapped for client-level central DP when configured and guarded by
+the sites' privacy budgets, or SecAgg+ through Flower's legacy workflow. The global
+state is checkpointed after every round, so an interrupted run resumes from its last
+finished round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fedspatial.records import arrays_record
+from fedspatial.server.messaging import SiteGroup
+from fedspatial.server.run_store import RunStore
+from fedspatial.shared.phases.base import Run, TrainOutcome, Weights
+from fedspatial.shared.protocol.feature_space import feature_space_to_config
+from fedspatial.strategies import PrivacyBudgetGuard, PrivacyBudgetStop, SpatialFedAvg, central_dp
+from fedspatial.strategies.secagg import run_secagg_rounds
+
+logger = logging.getLogger(__name__)
+
+
+def train_rounds(
+    sites: SiteGroup,
+    run: Run,
+    store: RunStore,
+    initial: Weights,
+    *,
+    done_rounds: int,
+    history: list[dict[str, Any]],
+    common: dict[str, Any],
+) -> TrainOutcome:
+    """The training rounds left after ``done_rounds``; ``history`` holds the earlier ones."""
+    t0 = time.perf_counter()
+    cfg, privacy = run.cfg, run.cfg.privacy
+    assert run.space is not None
+    n_min = sites.min_nodes
+    strategy = SpatialFedAvg(
+        round_offset=done_rounds,
+        # each batch's decoder weights are trained only by the site holding that batch
+        partitioned_keys=["batch_in.weight"] if run.batches else [],
+        min_train_nodes=n_min,
+        min_evaluate_nodes=n_min,
+        min_available_nodes=n_min,
+        # a loss over all of a site's cells is not privatized: no client evaluation under local DP
+        fraction_evaluate=0.0 if privacy.local_dp else 1.0,
+        # client-level DP bounds one site's influence on an equally weighted mean
+        weighted_by_key="unit-weight" if privacy.central_dp != "none" else "num-examples",
+    )
+    strategy.history = history
+    inner = strategy if privacy.central_dp == "none" else central_dp(
+        strategy, privacy.central_dp, noise_multiplier=privacy.central_noise_multiplier,
+        clipping_norm=privacy.central_clipping_norm, n_sites=len(sites.nodes),
+    )
+    guard = PrivacyBudgetGuard(inner, on_exhausted=privacy.on_exhausted)
+    config = {**common, **run.message_config()}
+    arrays = arrays_record(initial)
+    last_saved: dict[str, Any] = {"round": done_rounds, "arrays": arrays}
+    checkpoint_state = {
+        "feature-space": feature_space_to_config(run.space),
+        "model": run.model_config,
+        "site-names": {str(node): name for node, name in sites.names.items()},
+    }
+
+    def save_round(server_round: int, round_arrays: ArrayRecord) -> None:
+        if server_round == 0:
+            return None
+        store.save_round(server_round + done_rounds, round_arrays, {"history": strategy.history, **checkpoint_state})
+        last_saved.update({"round": server_round + done_rounds, "arrays": round_arrays})
+        return None
+
+    remaining = cfg.training.num_rounds - done_rounds
+    stopped: dict[str, Any] | None = None
+    if remaining > 0 and privacy.secagg:
+        arrays = run_secagg_rounds(
+            sites,
+            arrays=arrays,
+            num_rounds=remaining,
+            round_offset=done_rounds,
+            train_config=config,
+            n_sites=len(sites.nodes),
+            # SecAgg+ weights by num-examples (cells), or equally under client-level DP
+            max_weight=float(len(sites.nodes) if privacy.central_dp != "none" else sum(d.n_cells for d in run.sites.values())),
+            on_round=save_round,
+            history=strategy.history,
+            central_noise_multiplier=privacy.central_noise_multiplier if privacy.central_dp != "none" else None,
+            central_clipping_norm=privacy.central_clipping_norm,
+        )
+    elif remaining > 0:
+        try:
+            result = guard.start(
+                grid=sites,
+                initial_arrays=arrays,
+                num_rounds=remaining,
+                train_config=ConfigRecord(config),
+                evaluate_config=ConfigRecord(config),
+                evaluate_fn=save_round,
+            )
+            arrays = result.arrays if len(result.arrays) else arrays
+        except PrivacyBudgetStop as stop:
+            arrays = last_saved["arrays"]
+            stopped = {"after-round": last_saved["round"], "refusals": {sites.name(n): r for n, r in stop.refusals.items()}}
+            # The sites only refused to train: they stay for clustering and their outputs.
+            for node in stop.refusals:
+                sites.dropped.pop(sites.name(node), None)
+                if node not in sites.nodes:
+                    sites.nodes = sorted([*sites.nodes, node])
+            logger.warning(
+                "privacy budget spent at %s: training stops after round %d (privacy.on-exhausted=stop); "
+                "the model of round %d (checkpoint in %s) goes on to clustering",
+                ", ".join(stopped["refusals"]), last_saved["round"], last_saved["round"], store.checkpoint_dir,
+            )
+    weights = {k: v.numpy() for k, v in arrays.items()}
+    return TrainOutcome(weights, strategy.history, time.perf_counter() - t0, stopped, guard.refusals)
+

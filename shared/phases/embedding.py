@@ -1,0 +1,60 @@
+"""Phase ``embedding``: every site embeds all its cells with the final global model and
+keeps the embedding at home; it returns only a local k-means proposal (centroids,
+counts) and the embedding's per-dimension moments, which start the domain clustering."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedspatial.shared.algorithms import kmeans as clustering
+from fedspatial.shared.phases.base import Federation, Phase, Run, Site, SiteState
+from fedspatial.shared.phases.training import model_from
+from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
+from fedspatial.shared.protocol.payload import Payload
+from fedspatial.shared.training.loop import embed
+
+EMBEDDING_KEY = "fedspatial-embedding"
+UNCORRECTED = "z-uncorrected"
+"""Array of the embedding record holding the embedding before Harmony corrected it."""
+
+
+def store_embedding(state: SiteState, z: np.ndarray, uncorrected: np.ndarray | None = None) -> None:
+    arrays = {"z": z} if uncorrected is None else {"z": z, UNCORRECTED: uncorrected}
+    state.put(EMBEDDING_KEY, Payload(arrays=arrays))
+
+
+def embedding_of(state: SiteState) -> np.ndarray:
+    """The site's embedding (corrected, once Harmony ran)."""
+    stored = state.get(EMBEDDING_KEY)
+    if stored is None:
+        raise RuntimeError("no embedding at this site: the server must send query.embed first")
+    return stored.array("z")
+
+
+def uncorrected_embedding(state: SiteState) -> np.ndarray | None:
+    """The embedding before Harmony (None when Harmony has not replaced it)."""
+    stored = state.get(EMBEDDING_KEY)
+    return None if stored is None else stored.arrays.get(UNCORRECTED)
+
+
+def propose_domains(z: np.ndarray, n_domains: int, seed: int) -> dict[str, np.ndarray]:
+    """A site's k-means proposal of its embedding, with the moments that scale it."""
+    centroids, counts = clustering.local_kmeans(z, n_domains, seed=seed)
+    moments = clustering.feature_moments(z).to_arrays()
+    return {"centroids": centroids, "counts": counts.astype(np.float64), **{f"moments-{k}": v for k, v in moments.items()}}
+
+
+class Embedding(Phase):
+    name = "embedding"
+    queries = (Query.EMBED,)
+
+    def run(self, fed: Federation, run: Run) -> None:
+        assert run.training is not None
+        request = Payload(arrays=run.training.weights, config={**run.message_config(), "n-domains": run.cfg.clustering.n_domains})
+        run.proposals = {site: reply.arrays for site, reply in fed.ask(Query.EMBED, request).items()}
+
+    def answer(self, site: Site, query: str, request: Payload) -> Payload:
+        z = embed(model_from(request), site.graph_data(site.setup()))
+        store_embedding(site.state, z)
+        proposal = propose_domains(z, int(request.number("n-domains")), site.cfg.seed)
+        return Payload(arrays=proposal, metrics={NUM_EXAMPLES: site.n_cells})

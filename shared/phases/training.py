@@ -1,0 +1,139 @@
+"""Phase ``training``: federated training of the spatial encoder.
+
+Server half: build the model (or take it from the checkpoint of an interrupted run),
+run the training rounds through the federation's strategy (FedAvg weighted by cells;
+central DP and SecAgg+ wrappers when configured; checkpoint after every round), and
+save the final global model. Site half: Flower's ``train`` message (local epochs from
+the global weights; DP-SGD charged to the site's ledger under ``privacy.local-dp``) and
+``evaluate`` (reconstruction loss on the site's cells).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedspatial.shared.models import GATAutoencoder, build_model
+from fedspatial.shared.phases.base import Federation, Phase, Run, Site, Weights
+from fedspatial.shared.phases.setup import SiteSetup
+from fedspatial.shared.privacy.dp import (
+    NodeBound,
+    Release,
+    calibrate_noise,
+    dp_train_epochs,
+    plan_round,
+)
+from fedspatial.shared.protocol.feature_space import feature_space_to_config
+from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
+from fedspatial.shared.protocol.payload import Payload
+from fedspatial.shared.storage.checkpoint import save_checkpoint
+from fedspatial.shared.training.loop import TrainResult, evaluate_loss, train_epochs
+
+logger = logging.getLogger(__name__)
+
+
+def to_weights(model: torch.nn.Module) -> Weights:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def model_from(request: Payload) -> torch.nn.Module:
+    """The model a ``train``/``evaluate``/``embed`` message carries (config + weights)."""
+    model = build_model(json.loads(request.string("model-config")))
+    model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in request.arrays.items()})
+    return model
+
+
+class Training(Phase):
+    name = "training"
+    queries = (Query.TRAIN, Query.EVALUATE)
+
+    def run(self, fed: Federation, run: Run) -> None:
+        cfg = run.cfg
+        torch.manual_seed(cfg.seed)
+        model = GATAutoencoder(
+            run.in_dim, cfg.model.hidden_dim, cfg.model.latent_dim, n_batches=len(run.batches), dropout=cfg.model.dropout
+        )
+        run.model_config = model.model_config()
+        initial, done, history = to_weights(model), 0, []
+        if run.checkpoint is not None:
+            initial, done, history = run.checkpoint.weights, run.checkpoint.round, run.checkpoint.state["history"]
+            logger.info("resuming after round %d of %d", done, cfg.training.num_rounds)
+        outcome = fed.train(run, initial, done_rounds=done, history=history)
+        run.training = outcome
+        assert run.space is not None
+        save_checkpoint(
+            run.folder / "model",
+            {k: torch.from_numpy(np.array(v, copy=True)) for k, v in outcome.weights.items()},
+            {"model": run.model_config, "feature-space": feature_space_to_config(run.space), "run-config": run.run_config},
+        )
+        run.report["train-seconds"] = time.perf_counter() - run.started  # setup included
+        run.report["model-parameters"] = int(sum(np.prod(v.shape) for v in outcome.weights.values()))
+
+    def answer(self, site: Site, query: str, request: Payload) -> Payload:
+        model = model_from(request)
+        setup = site.setup()
+        if query == Query.EVALUATE:
+            loss = evaluate_loss(model, site.graph_data(setup))
+            return Payload(metrics={NUM_EXAMPLES: site.n_cells, "unit-weight": 1.0, "eval-loss": loss})
+        start = time.perf_counter()
+        server_round = int(request.number("server-round", 0))
+        seed = site.round_seed(int(request.number("seed", 0)), server_round)
+        if site.cfg.privacy.local_dp:
+            result = dp_train(site, model, setup, server_round=server_round)
+        else:
+            t = site.cfg.training
+            result = train_epochs(
+                model, site.graph_data(setup), epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+                weight_decay=t.weight_decay, proximal_mu=t.proximal_mu, seed=seed, description=f"{site.name} train",
+            )
+        metrics: dict[str, int | float] = {
+            NUM_EXAMPLES: result.num_examples,
+            "unit-weight": 1.0,  # uniform weights for central DP (sensitivity C / n_sites)
+            "train-steps": result.steps,
+            "train-seconds": time.perf_counter() - start,
+        }
+        if site.cfg.privacy.local_dp:
+            # The DP-SGD loss is an unprivatized statistic: report the privacy spent instead.
+            ledger = site.ledger()
+            metrics.update({"dp-epsilon": ledger.epsilon, "dp-delta": ledger.delta, "dp-budget": ledger.budget_epsilon})
+        else:
+            metrics["train-loss"] = result.loss
+        return Payload(arrays=to_weights(model), metrics=metrics)
+
+
+def dp_train(site: Site, model: torch.nn.Module, setup: SiteSetup, *, server_round: int) -> TrainResult:
+    """One round of node-level DP-SGD, checked against and charged to the site's ledger
+    (refused with :class:`~fedspatial.shared.privacy.dp.PrivacyBudgetExceeded` past the budget)."""
+    p, t = site.cfg.privacy, site.cfg.training
+    data = site.dp_graph_data(setup)
+    ledger = site.ledger()
+    bound = NodeBound(ledger.degree_bound)
+    plan_args: dict[str, Any] = {"batch_size": t.batch_size, "epochs": t.local_epochs, "max_grad_norm": p.max_grad_norm, "bound": bound}
+    plan = plan_round(data.n_cells, **plan_args, node_noise_multiplier=ledger.node_noise_multiplier or p.noise_multiplier)
+    if plan.node_noise_multiplier <= 0:  # calibrate once, for the whole run
+        sigma = calibrate_noise(
+            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=plan.node_sample_rate,
+            steps=plan.steps * t.num_rounds, prior=ledger.history,
+        )
+        plan = plan_round(data.n_cells, **plan_args, node_noise_multiplier=sigma)
+        logger.info("%s: node-level noise multiplier %.3f for epsilon %g over %d rounds", site.name, sigma, p.target_epsilon, t.num_rounds)
+    ledger.node_noise_multiplier = plan.node_noise_multiplier
+    try:
+        ledger.check("dp-sgd", server_round, plan.node_noise_multiplier, plan.node_sample_rate, plan.steps)
+    finally:
+        site.save_ledger(ledger)
+    result = dp_train_epochs(model, data, plan, lr=t.lr, weight_decay=t.weight_decay, grad_sample_mode=p.grad_sample_mode)
+    ledger.record(
+        Release(
+            "dp-sgd", server_round, plan.node_noise_multiplier, plan.node_sample_rate, plan.steps,
+            details={"sample-rate": plan.sample_rate, "noise-multiplier": plan.noise_multiplier, "max-grad-norm": p.max_grad_norm},
+        )
+    )
+    site.save_ledger(ledger)
+    logger.info("%s: round %d DP-SGD, epsilon %.3f of %g", site.name, server_round, ledger.epsilon, ledger.budget_epsilon)
+    return result
