@@ -24,9 +24,18 @@ def test_wheel_maps_folders_into_the_package(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for part in PARTS:
         assert f"fedspatial/{part}" in names
+    # Every module of every part, sub-packages included (the package list is explicit).
+    sources = {f"fedspatial/{p.relative_to(ROOT).as_posix()}" for d in ("server", "client", "shared", "strategies") for p in (ROOT / d).rglob("*.py")}
+    assert not sources - names, sorted(sources - names)
     # Nothing lands at the top level of site-packages but the package itself.
     tops = {n.split("/")[0] for n in names if not n.startswith("fedspatial-")}
     assert tops == {"fedspatial"}
+
+
+def test_checkout_links_each_part_into_the_package():
+    for part in ("server", "client", "shared", "strategies"):
+        link = ROOT / "fedspatial" / part
+        assert link.is_symlink() and link.resolve() == ROOT / part
 
 
 def test_editable_install_imports_from_the_checkout():
@@ -42,13 +51,17 @@ def test_flower_app_bundle_imports_its_own_copy(tmp_path):
     if not flwr.exists():
         pytest.skip("flwr CLI not installed beside this Python")
     build = tmp_path / "build"
-    shutil.copytree(ROOT, build, ignore=shutil.ignore_patterns(".venv", ".git", "results", "data", "benchmarks", "*.fab"))
+    # symlinks=True: the checkout's fedspatial/<part> links travel as links, which Flower leaves out
+    shutil.copytree(
+        ROOT, build, symlinks=True, ignore=shutil.ignore_patterns(".venv", ".git", "results", "data", "benchmarks", "*.fab")
+    )
     subprocess.run([str(flwr), "build"], cwd=build, check=True, capture_output=True)
     (fab,) = build.glob("*.fab")
     unpacked = tmp_path / "app"
     zipfile.ZipFile(fab).extractall(unpacked)
     names = set(zipfile.ZipFile(fab).namelist())
     assert {"fedspatial/__init__.py", *PARTS} <= names
+    assert not any(n.startswith("fedspatial/server/") for n in names)  # the link was left out
     # Flower puts the app folder first on sys.path and imports the components by name.
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
