@@ -18,7 +18,15 @@ from fedspatial.server.federation import FlowerFederation
 from fedspatial.server.messaging import SiteGroup
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.phases import PHASES, all_queries, phase_for
-from fedspatial.shared.phases.base import Federation, MemoryState, Phase, Run, Site, TrainOutcome, Weights
+from fedspatial.shared.phases.base import (
+    Federation,
+    MemoryState,
+    Phase,
+    Run,
+    Site,
+    TrainOutcome,
+    Weights,
+)
 from fedspatial.shared.protocol.names import Query, message_type
 from fedspatial.shared.protocol.payload import Payload, PayloadError
 
