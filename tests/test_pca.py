@@ -51,3 +51,22 @@ def test_argument_checks() -> None:
         FederatedPCA(5, 6)
     with pytest.raises(ValueError, match="at least 2 cells"):
         FederatedPCA(5, 2).set_mean([np.zeros(5)], [1.0])
+
+
+def test_server_settings_on_a_slowly_decaying_spectrum() -> None:
+    """What the README states, at the iterations the server runs (FederatedPCA's default,
+    8): 50 components of a 0.98^k spectrum, where subspace iteration converges slowest."""
+    rng = np.random.default_rng(0)
+    n_features, k = 200, 50
+    loadings = rng.standard_normal((n_features, n_features)) * (0.98 ** np.arange(n_features))[:, None]
+    sites = [rng.standard_normal((n, n_features)) @ loadings for n in (900, 700, 500)]
+    pooled = np.vstack(sites)
+    basis = federated_pca(sites, k)  # the server's defaults
+    ref = PCA(k, svd_solver="full").fit(pooled)
+    signs = np.sign(np.sum(basis.components * ref.components_, axis=1))
+    error = np.abs(basis.components - ref.components_ * signs[:, None]).max(axis=1)
+    assert error[:10].max() < 1e-8  # the leading components: equal
+    assert error.max() < 1e-2  # the trailing ones: close
+    np.testing.assert_allclose(basis.explained_variance, ref.explained_variance_, rtol=1e-3)
+    cosines = np.linalg.svd(basis.components @ ref.components_.T, compute_uv=False)
+    assert cosines.min() > 0.998  # the same subspace
