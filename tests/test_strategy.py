@@ -39,18 +39,21 @@ def _reply(request, arrays, n):
 
 def test_weighted_average_and_summed_partitioned_updates():
     strategy = SpatialFedAvg(partitioned_keys=["per_batch"], min_available_nodes=2, min_train_nodes=2)
-    global_arrays = ArrayRecord({"w": Array(np.zeros(2)), "per_batch": Array(np.zeros((1, 2)))})
+    # A non-zero global model: "global + summed updates" differs from "sum of replies".
+    global_arrays = ArrayRecord({"w": Array(np.zeros(2)), "per_batch": Array(np.array([[10.0, 20.0]]))})
     sent = list(strategy.configure_train(1, global_arrays, ConfigRecord({}), _Grid([1, 2])))
     assert {m.content["config"]["server-round"] for m in sent} == {1}
     to = {m.metadata.dst_node_id: m for m in sent}
     # Site 1 (1 cell) trained batch 0, site 2 (3 cells) trained batch 1.
     replies = [
-        _reply(to[1], {"w": np.array([4.0, 0.0]), "per_batch": np.array([[1.0, 0.0]])}, 1),
-        _reply(to[2], {"w": np.array([0.0, 4.0]), "per_batch": np.array([[0.0, 2.0]])}, 3),
+        _reply(to[1], {"w": np.array([4.0, 0.0]), "per_batch": np.array([[11.0, 20.0]])}, 1),
+        _reply(to[2], {"w": np.array([0.0, 4.0]), "per_batch": np.array([[10.0, 22.0]])}, 3),
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert np.allclose(arrays["w"].numpy(), [1.0, 3.0])  # weighted by num-examples
-    assert np.allclose(arrays["per_batch"].numpy(), [[1.0, 2.0]])  # each owner's update kept whole
+    # each owner's update kept whole: global + (1, 0) + (0, 2); a weighted mean would give
+    # (10.25, 21.5) and a plain sum of replies (21, 42)
+    assert np.allclose(arrays["per_batch"].numpy(), [[11.0, 22.0]])
     assert metrics["train-loss"] == (1 * 1 + 3 * 3) / 4
     (entry,) = strategy.history
     assert entry["round"] == 1 and entry["n-sites"] == 2 and entry["bytes-sent"] > 0
