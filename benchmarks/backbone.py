@@ -3,7 +3,8 @@
 Runs the three modes side by side (same config, same machine, one after the other) on
 the built-in synthetic federation scaled to >= 30,000 spots over 3 sites, with the
 defaults a user gets from configs/demo.yaml. Writes benchmarks/results/backbone.md and
-benchmarks/results/backbone.json (keys: joint_ari, wall_s, wall_ratio).
+benchmarks/results/backbone.json (keys: joint_ari, wall_s, wall_ratio, and commit, config,
+machine, date: where the figures came from).
 
     python benchmarks/backbone.py [--scale 7] [--work benchmarks/.work]
 """
@@ -13,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import provenance  # benchmarks/provenance.py
 
 from fedspatial.server.simulate import simulate
 from fedspatial.shared.config import load_config
@@ -103,6 +107,7 @@ def main() -> int:
         "joint_ari": {m: round(results[m]["joint_ari"], 4) for m in ("federated", "local", "centralized")},
         "wall_s": {m: round(results[m]["wall_s"], 2) for m in ("federated", "local", "centralized")},
         "wall_ratio": round(ratio, 3),
+        **provenance({"command": " ".join(sys.argv), "scale": args.scale, "run-config": cfg.to_run_config()}),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +122,9 @@ def main() -> int:
         f"({cfg.training.num_rounds} rounds x {cfg.training.local_epochs} local epochs, "
         f"{cfg.features.n_top_features} features, {cfg.clustering.n_domains} domains).",
         f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
-        "2 CPU cores, CPU only. Modes ran one after another in one process; whole benchmark "
-        f"{total:.0f} s. Command: `python benchmarks/backbone.py --scale {args.scale:g}`.",
+        f"{os.cpu_count()} CPU cores, CPU only. Modes ran one after another in one process; whole benchmark "
+        f"{total:.0f} s. Command: `python benchmarks/backbone.py --scale {args.scale:g}`; "
+        f"commit {figures['commit']}, {figures['date']}.",
         "",
         "| mode | joint ARI | joint NMI | mean section ARI | median section ARI | wall s | s/round | bytes/round |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
