@@ -619,7 +619,7 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "run finished. Report saved to" in res.stderr
     # fedspatial's own log lines and the final summary come with Flower's log stream ...
-    assert "INFO fedspatial.server.federation: sites: hospital_" in res.stdout, res.stdout[-3000:]
+    assert "INFO fedspatial.shared.phases.describe: sites: hospital_" in res.stdout, res.stdout[-3000:]
     # Each line once: a root log handler that a library installs on import (opacus does)
     # would repeat Flower's and fedspatial's lines.
     assert res.stdout.count("[ROUND 1/2]") == 1 and res.stdout.count("run 't1' finished") == 1

@@ -52,9 +52,14 @@ def test_flower_app_bundle_imports_its_own_copy(tmp_path):
         pytest.skip("flwr CLI not installed beside this Python")
     build = tmp_path / "build"
     # symlinks=True: the checkout's fedspatial/<part> links travel as links, which Flower leaves out
-    shutil.copytree(
-        ROOT, build, symlinks=True, ignore=shutil.ignore_patterns(".venv", ".git", "results", "data", "benchmarks", "*.fab")
-    )
+    # Only the checkout's own top-level clutter is left out: a pattern such as "data" would also
+    # drop the package shared/data/.
+    top_level = {".venv", ".git", "results", "data", "benchmarks", "build", "dist"}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if Path(folder) == ROOT and (n in top_level or n.endswith(".fab"))}
+
+    shutil.copytree(ROOT, build, symlinks=True, ignore=ignore)
     subprocess.run([str(flwr), "build"], cwd=build, check=True, capture_output=True)
     (fab,) = build.glob("*.fab")
     unpacked = tmp_path / "app"
