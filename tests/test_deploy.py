@@ -306,7 +306,14 @@ def deployment(material: Deployment) -> Iterator[Deployment]:
             assert res.returncode == 0 and "registered successfully" in res.stdout, res.stdout + res.stderr
         for site in SITES:
             dep.start_client(site)
-        _wait_for(lambda: dep.online() == 3, 90, "three SuperNodes online", interval=2)
+        try:
+            _wait_for(lambda: dep.online() == 3, 90, "three SuperNodes online", interval=2)
+        except AssertionError as err:  # say why: each SuperNode's exit code and log tail
+            tails = "\n".join(
+                f"--- {site} (exit code {dep.clients[site].poll()}):\n{dep.log(f'client-{site}.log')[-1500:]}"
+                for site in SITES
+            )
+            raise AssertionError(f"{err}\n{tails}\n--- server:\n{dep.log('server.log')[-1500:]}") from None
         yield dep
     finally:
         for proc in reversed(dep.procs):
