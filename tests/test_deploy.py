@@ -307,7 +307,7 @@ def deployment(material: Deployment) -> Iterator[Deployment]:
         for site in SITES:
             dep.start_client(site)
         try:
-            _wait_for(lambda: dep.online() == 3, 90, "three SuperNodes online", interval=2)
+            _wait_for(lambda: dep.online() == 3, 180, "three SuperNodes online", interval=2)
         except AssertionError as err:  # say why: each SuperNode's exit code and log tail
             tails = "\n".join(
                 f"--- {site} (exit code {dep.clients[site].poll()}):\n{dep.log(f'client-{site}.log')[-1500:]}"
