@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import provenance  # benchmarks/provenance.py
+
+from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -301,6 +304,8 @@ def main() -> int:
             "total_s": total, "memory": memory, "command": command,
             "federations": {n: {k: f[k] for k in ("sections", "seeds", "local_from")} for n, f in feds.items()},
         }
+        # Provenance of the runs themselves (a --report-only rebuild keeps it).
+        saved["provenance"] = provenance({"command": f"python benchmarks/dlpfc.py {command}", **vars(args)})
         (work / "benchmark.json").write_text(json.dumps(saved, indent=2))
 
     result: dict[str, Any] = {}
@@ -308,13 +313,15 @@ def main() -> int:
         result.update(figures(feds["four"]))
     if "mixed" in feds:
         result["mixed_panel"] = figures(feds["mixed"])
-    (out / "dlpfc.json").write_text(json.dumps(result, indent=2) + "\n")
+    # Runs saved before provenance was recorded: their commit is not known, so say so.
+    result.update(saved.get("provenance") or {**provenance({"command": f"python benchmarks/dlpfc.py {command}"}), "commit": "unknown"})
+    write_json_atomic(out / "dlpfc.json", result)
     if "four" in feds:
         plot_domains(feds["four"], data, out / "dlpfc_domains.png")
     if "mixed" in feds:
         plot_domains(feds["mixed"], data, out / "dlpfc_mixed_domains.png")
     report = markdown(feds, memory, args, total, command)
-    (out / "dlpfc.md").write_text(report)
+    write_text_atomic(out / "dlpfc.md", report)
     print(report)
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import statistics
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import provenance  # benchmarks/provenance.py
 
 from fedspatial.server.simulate import ensure_federation, simulate
 from fedspatial.shared.config import ExperimentConfig, load_config
@@ -37,6 +39,7 @@ from fedspatial.shared.features.selection import (
 from fedspatial.shared.graph.neighbors import bound_in_degree
 from fedspatial.shared.models import GATAutoencoder
 from fedspatial.shared.privacy.dp import NodeBound, dp_train_epochs, plan_round
+from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
 from fedspatial.shared.training.loop import GraphData, train_epochs
 
 HERE = Path(__file__).resolve().parent
@@ -127,9 +130,10 @@ def main() -> int:
         "eps8_ari_gap": None if eps8 is None else round(none - eps8, 4),
         "runs": runs,
     }
+    figures.update(provenance({"command": " ".join(["python", "benchmarks/privacy.py", *sys.argv[1:]]), **vars(args)}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "privacy.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_json_atomic(out / "privacy.json", figures)
 
     rounds, epochs = cfg.training.num_rounds, cfg.training.local_epochs
     cmd = "python benchmarks/privacy.py" + (f" --rounds {args.rounds}" if args.rounds else "")
@@ -141,8 +145,9 @@ def main() -> int:
         f"federated mode. Local DP: privacy unit one cell, degree bound {cfg.privacy.max_degree or cfg.neighbors.n_neighbors}, "
         f"clipping norm {cfg.privacy.max_grad_norm}, delta {cfg.privacy.delta:g}, noise calibrated so that each site "
         "spends the target epsilon over the whole run (Opacus RDP accountant, node-level group bound).",
-        f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}, 2 CPU cores (shared), "
-        f"CPU only, torch {torch.__version__}. Whole benchmark {time.perf_counter() - t0:.0f} s. Command: `{cmd}`.",
+        f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}, {os.cpu_count()} CPU cores (shared), "
+        f"CPU only, torch {torch.__version__}. Whole benchmark {time.perf_counter() - t0:.0f} s. Command: `{cmd}`. "
+        f"Commit `{figures['commit']}`, {figures['date']}.",
         "",
         "| setting | site epsilon (max) | node noise multiplier | joint ARI | joint NMI | mean section ARI | s/round |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -167,7 +172,7 @@ def main() -> int:
         f"norm; the optimizer adds noise of std (that x {1 + 2 * (cfg.privacy.max_degree or cfg.neighbors.n_neighbors)}) x clipping norm to each step's sum of clipped "
         "per-neighbourhood gradients.",
     ]
-    (out / "privacy.md").write_text("\n".join(x for x in lines if x is not None) + "\n")
+    write_text_atomic(out / "privacy.md", "\n".join(x for x in lines if x is not None) + "\n")
     print("\n".join(lines))
     return 0
 
