@@ -153,6 +153,30 @@ def test_node_level_epsilon_matches_independent_opacus_accountant():
     assert per_sample.get_epsilon(delta=1e-5) < 0.5 * ledger.epsilon
 
 
+def test_ledger_agrees_with_googles_dp_accounting():
+    """A second, independent implementation (Google's ``dp-accounting``: its own RDP of the
+    sampled Gaussian, its own order grid and conversion) gives the ledger's epsilon to 1%,
+    and its privacy-loss-distribution accountant, which is tight for this mechanism, never
+    gives more: the ledger does not claim more privacy than the mechanism has."""
+    dpa = pytest.importorskip("dp_accounting")
+    from dp_accounting import pld, rdp
+
+    d, q, sigma, steps = 6, 0.1, 1.3, 20
+    ledger = PrivacyLedger(site="s", delta=1e-5, budget_epsilon=100.0)
+    node_q = NodeBound(d).sample_rate(q)
+    ledger.record(Release("dp-sgd", 1, sigma, node_q, steps))
+    ledger.record(Release("dp-sgd", 2, 2 * sigma, node_q / 2, steps))
+    event = dpa.ComposedDpEvent([
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(node_q, dpa.GaussianDpEvent(sigma)), steps),
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(node_q / 2, dpa.GaussianDpEvent(2 * sigma)), steps),
+    ])
+    google_rdp = rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
+    google_pld = pld.PLDAccountant().compose(event).get_epsilon(1e-5)
+    assert node_q == pytest.approx(1 - (1 - q) ** (d + 1))
+    assert ledger.epsilon == pytest.approx(google_rdp, rel=0.01)
+    assert google_pld <= ledger.epsilon
+
+
 def test_calibrated_noise_reaches_target():
     sigma = calibrate_noise(target_epsilon=4.0, delta=1e-5, sample_rate=0.3, steps=200)
     eps = epsilon_of([(sigma, 0.3, 200)], 1e-5)
