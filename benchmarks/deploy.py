@@ -32,7 +32,11 @@ import anndata as ad
 import psutil
 import tomli_w
 
-from fedspatial import deploy_cli
+from fedspatial.deployment.certificates import generate_keypair
+from fedspatial.deployment.errors import DeployError
+from fedspatial.deployment.network import check_superlink
+from fedspatial.deployment.processes import flower_env
+from fedspatial.deployment.submit import write_flwr_connection
 from fedspatial.server.simulate import simulate, synthetic_spec
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
@@ -87,10 +91,10 @@ def run_deployed(work: Path, manifest: Path, name: str) -> dict[str, Any]:
     subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), "-o", str(certs), "127.0.0.1"],
                    check=True, capture_output=True)
     for site in SITES:
-        deploy_cli.generate_keypair(keys / f"{site}.key", comment=site)
+        generate_keypair(keys / f"{site}.key", comment=site)
     port = _free_port()
-    deploy_cli.write_flwr_connection(flwr_home, "bench", f"127.0.0.1:{port}", certs / "ca.crt")
-    env = deploy_cli.flower_env({**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    write_flwr_connection(flwr_home, "bench", f"127.0.0.1:{port}", certs / "ca.crt")
+    env = flower_env({**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
     (work / "logs").mkdir(parents=True)
     procs: list[subprocess.Popen] = []
 
@@ -111,9 +115,9 @@ def run_deployed(work: Path, manifest: Path, name: str) -> dict[str, Any]:
         deadline = time.monotonic() + 60
         while True:
             try:
-                deploy_cli.check_superlink(f"127.0.0.1:{port}", certs / "ca.crt", timeout=2)
+                check_superlink(f"127.0.0.1:{port}", certs / "ca.crt", timeout=2)
                 break
-            except deploy_cli.DeployError:
+            except DeployError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)

@@ -33,16 +33,22 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
 
 
+def _parse_set(items: list[str] | None) -> dict[str, object]:
+    """``--set KEY=VALUE`` options -> config overrides (each value read as YAML)."""
+    import yaml
+
+    overrides: dict[str, object] = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedspatial.server.simulate import simulate
     from fedspatial.shared.config import ExperimentConfig, load_config
 
-    overrides: dict[str, object] = {}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        import yaml
-
-        overrides[key] = yaml.safe_load(value)
+    overrides = _parse_set(args.set)
     if args.resume:
         run_dir = Path(args.resume)
         cfg_path = run_dir / "config.yaml"
@@ -99,7 +105,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from fedspatial.deploy_cli import ServerOptions, run_server
+    from fedspatial.deployment.nodes import ServerOptions, run_server
 
     return run_server(
         ServerOptions(
@@ -117,7 +123,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from fedspatial.deploy_cli import ClientOptions, run_client
+    from fedspatial.deployment.nodes import ClientOptions, run_client
 
     return run_client(
         ClientOptions(
@@ -137,7 +143,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from fedspatial.deploy_cli import generate_keypair
+    from fedspatial.deployment.certificates import generate_keypair
 
     private, public = generate_keypair(
         Path(args.out) / f"{args.name}.key", comment=args.name, overwrite=args.overwrite
@@ -148,14 +154,9 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    import yaml
+    from fedspatial.deployment.submit import run_submit
 
-    from fedspatial.deploy_cli import run_submit
-
-    overrides: dict[str, object] = {}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+    overrides = _parse_set(args.set)
     if args.run_name:
         overrides["run-name"] = args.run_name
     return run_submit(
@@ -170,13 +171,13 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from fedspatial.deploy_cli import run_results
+    from fedspatial.deployment.submit import run_results
 
     return run_results(args.run_id, connection=args.connection, out=args.out)
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
-    from fedspatial.deploy_cli import DEFAULT_CLIENT_RUNTIME_PORT, DEFAULT_PORT
+    from fedspatial.deployment.network import DEFAULT_CLIENT_RUNTIME_PORT, DEFAULT_PORT
 
     srv = sub.add_parser(
         "server",
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from fedspatial.deploy_cli import DeployError
+    from fedspatial.deployment.errors import DeployError
     from fedspatial.shared.config import ConfigError
 
     try:

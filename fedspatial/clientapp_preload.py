@@ -11,10 +11,11 @@ environment variable :data:`STATUS_ENV`, which the forked processes inherit.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import traceback
+
+from fedspatial.logstream import log_to_stderr
 
 STATUS_ENV = "FEDSPATIAL_CLIENTAPP_PRELOAD"
 
@@ -40,16 +41,8 @@ def _preload() -> None:
         os.environ[STATUS_ENV] = "ok"
     os.register_at_fork(after_in_child=_forget_fedspatial)
     # fedspatial's INFO lines in the hospital's log, once each: the logger tree outlives
-    # the modules; a root handler installed by a library on import (opacus calls
-    # logging.basicConfig) would repeat them and every Flower line.
-    package_logger = logging.getLogger("fedspatial")
-    if not package_logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-        package_logger.addHandler(handler)
-        package_logger.setLevel(logging.INFO)
-        package_logger.propagate = False
-    logging.getLogger("flwr").propagate = False  # Flower prints its own lines
+    # the modules.
+    log_to_stderr()
 
 
 _preload()

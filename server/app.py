@@ -4,7 +4,8 @@ In a deployment the ServerApp runs at the coordinating center, and Flower 1.42 r
 no files to whoever submitted the run; it does stream what the ServerApp process writes
 to its output (``flwr run --stream``, ``flwr log``). So at the end of a run the ServerApp
 logs a summary and then one marked line holding the run's report files
-(:func:`fedspatial.deploy_cli.result_line`), which ``fedspatial submit`` saves locally.
+(:func:`fedspatial.shared.protocol.result_line.result_line`), which ``fedspatial submit``
+saves locally.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch  # noqa: F401  # loaded before any ArrayRecord <-> torch conversion
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedspatial.logstream import log_to_stderr
 from fedspatial.server.federation import run_federation
 from fedspatial.shared.config import ExperimentConfig
+from fedspatial.shared.protocol.result_line import ResultLineError, result_line
 
 logger = logging.getLogger(__name__)
 
@@ -33,21 +36,10 @@ def log_to_run_stream() -> None:
 
     Nothing configures logging for fedspatial in Flower's ServerApp process, so its INFO
     records would be dropped; Flower streams what the process writes to stderr. Where
-    logging is set up for INFO already (``fedspatial simulate``), this changes nothing.
-    A root handler that some library installed on import (opacus calls
-    ``logging.basicConfig``) would repeat every Flower and fedspatial line: neither
-    propagates to it.
+    logging is set up for INFO already (``fedspatial simulate``), this changes nothing
+    (:func:`fedspatial.logstream.log_to_stderr`).
     """
-    package = logging.getLogger("fedspatial")
-    root = logging.getLogger()
-    if package.handlers or (root.handlers and package.getEffectiveLevel() <= logging.INFO):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
-    package.propagate = False
-    logging.getLogger("flwr").propagate = False  # Flower prints its own lines
+    log_to_stderr(defer_to_root=True)
 
 
 def run_summary(cfg: ExperimentConfig, report: Mapping[str, Any], folder: Path) -> str:
@@ -74,14 +66,12 @@ def run_summary(cfg: ExperimentConfig, report: Mapping[str, Any], folder: Path) 
 
 def announce_results(cfg: ExperimentConfig, report: Mapping[str, Any]) -> None:
     """Log the summary, then write the marked result line to stdout (the run's log)."""
-    from fedspatial.deploy_cli import DeployError, result_line
-
     folder = Path(cfg.results_dir) / cfg.run_name
     logger.info("%s", run_summary(cfg, report, folder))
     files = {name: (folder / name).read_text() for name in RESULT_FILES if (folder / name).is_file()}
     try:
         line = result_line(cfg.run_name, str(folder.resolve()), files)
-    except DeployError as err:
+    except ResultLineError as err:
         logger.warning("%s", err)
         return
     sys.stdout.write(line + "\n")

@@ -37,9 +37,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from fedspatial import deploy_cli
-from fedspatial.deploy_cli import DeployError
+from fedspatial.deployment.certificates import (
+    check_auth_key,
+    check_server_certificates,
+    generate_keypair,
+)
+from fedspatial.deployment.errors import DeployError
+from fedspatial.deployment.network import check_superlink, parse_address
+from fedspatial.deployment.processes import run_child
+from fedspatial.deployment.submit import save_results, write_flwr_connection
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.shared.protocol.result_line import (
+    MAX_RESULT_BYTES,
+    RESULT_MARKER,
+    ResultLineError,
+    parse_result_line,
+    result_line,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -174,7 +188,7 @@ class Deployment:
 
         def up() -> bool:
             try:
-                deploy_cli.check_superlink(self.address, self.certs / "ca.crt", timeout=2)
+                check_superlink(self.address, self.certs / "ca.crt", timeout=2)
             except DeployError:
                 assert self.server is not None and self.server.poll() is None, self.log("server.log")
                 return False
@@ -291,7 +305,7 @@ def material(tmp_path_factory) -> Deployment:
         assert res.returncode == 0, res.stderr
     flwr_home = root / "flwr"
     port = _free_port()
-    deploy_cli.write_flwr_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", certs / "ca.crt")
+    write_flwr_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", certs / "ca.crt")
     return Deployment(root, certs, root / "data", keys, flwr_home, port, _env(flwr_home))
 
 
@@ -361,20 +375,20 @@ def _cert(path: Path, key_path: Path, issuer_key, *, days: tuple[int, int], name
 
 def test_server_certificate_checks(material: Deployment, tmp_path: Path) -> None:
     certs, other = material.certs, material.root / "other"
-    names = deploy_cli.check_server_certificates(certs / "server.crt", certs / "server.key", certs / "ca.crt", "0.0.0.0")
+    names = check_server_certificates(certs / "server.crt", certs / "server.key", certs / "ca.crt", "0.0.0.0")
     assert {"localhost", "127.0.0.1"} <= set(names)
     with pytest.raises(DeployError, match="does not belong to server certificate"):
-        deploy_cli.check_server_certificates(certs / "server.crt", other / "server.key", certs / "ca.crt", "0.0.0.0")
+        check_server_certificates(certs / "server.crt", other / "server.key", certs / "ca.crt", "0.0.0.0")
     with pytest.raises(DeployError, match="was not issued by the CA"):
-        deploy_cli.check_server_certificates(certs / "server.crt", certs / "server.key", other / "ca.crt", "0.0.0.0")
+        check_server_certificates(certs / "server.crt", certs / "server.key", other / "ca.crt", "0.0.0.0")
     with pytest.raises(DeployError, match="does not exist"):
-        deploy_cli.check_server_certificates(tmp_path / "nope.crt", certs / "server.key", certs / "ca.crt", "0.0.0.0")
+        check_server_certificates(tmp_path / "nope.crt", certs / "server.key", certs / "ca.crt", "0.0.0.0")
     expired = tmp_path / "expired.crt"
     _cert(expired, tmp_path / "expired.key", None, days=(-30, -1), names=["localhost"])
     with pytest.raises(DeployError, match=r"expired on .* renews it"):
-        deploy_cli.check_server_certificates(expired, tmp_path / "expired.key", certs / "ca.crt", "0.0.0.0")
+        check_server_certificates(expired, tmp_path / "expired.key", certs / "ca.crt", "0.0.0.0")
     with pytest.raises(DeployError, match=r"reaches itself at 10\.1\.2\.3"):
-        deploy_cli.check_server_certificates(certs / "server.crt", certs / "server.key", certs / "ca.crt", "10.1.2.3")
+        check_server_certificates(certs / "server.crt", certs / "server.key", certs / "ca.crt", "10.1.2.3")
 
 
 @contextlib.contextmanager
@@ -410,26 +424,26 @@ def test_superlink_certificate_problems_are_named(material: Deployment, tmp_path
     _cert(tmp_path / "other.crt", tmp_path / "other.key", ca_key, days=(-1, 30), names=["other.example"], issuer=ca_name)
     with _tls_server(tmp_path / "other.crt", tmp_path / "other.key") as port, \
             pytest.raises(DeployError, match=r"valid for other\.example, not for '127\.0\.0\.1'"):
-        deploy_cli.check_superlink(f"127.0.0.1:{port}", ca, timeout=5)
+        check_superlink(f"127.0.0.1:{port}", ca, timeout=5)
     _cert(tmp_path / "old.crt", tmp_path / "old.key", ca_key, days=(-30, -1), names=["127.0.0.1"], issuer=ca_name)
     with _tls_server(tmp_path / "old.crt", tmp_path / "old.key") as port, \
             pytest.raises(DeployError, match=r"certificate expired on .* the center must renew it"):
-        deploy_cli.check_superlink(f"127.0.0.1:{port}", ca, timeout=5)
+        check_superlink(f"127.0.0.1:{port}", ca, timeout=5)
 
 
 def test_keys_and_addresses(material: Deployment, tmp_path: Path) -> None:
     key = material.keys / "hospital_a.key"
-    assert deploy_cli.check_auth_key(key) == key
+    assert check_auth_key(key) == key
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     assert (material.keys / "hospital_a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     with pytest.raises(DeployError, match=r"not the \.pub"):
-        deploy_cli.check_auth_key(material.keys / "hospital_a.pub")
+        check_auth_key(material.keys / "hospital_a.pub")
     with pytest.raises(DeployError, match="exists"):
-        deploy_cli.generate_keypair(key)
-    assert deploy_cli.parse_address("fl.example.org:9092") == ("fl.example.org", 9092)
-    assert deploy_cli.parse_address("[::1]:9092") == ("::1", 9092)
+        generate_keypair(key)
+    assert parse_address("fl.example.org:9092") == ("fl.example.org", 9092)
+    assert parse_address("[::1]:9092") == ("::1", 9092)
     with pytest.raises(DeployError, match="HOST:PORT"):
-        deploy_cli.parse_address("fl.example.org")
+        parse_address("fl.example.org")
 
 
 def test_client_refuses_bad_data_before_connecting(material: Deployment, tmp_path: Path) -> None:
@@ -468,30 +482,30 @@ def test_unreachable_superlink_fails_fast_with_a_clear_message(material: Deploym
 def test_result_line_round_trip(tmp_path: Path) -> None:
     """The run report rides back in one log line: intact, checked, and only into its folder."""
     files = {"metrics.json": '{"joint": {"ari": NaN}}\n', "config.json": "{}\n"}
-    line = deploy_cli.result_line("r1", "/srv/results/r1", files)
+    line = result_line("r1", "/srv/results/r1", files)
     assert "\n" not in line
-    assert deploy_cli.parse_result_line("INFO :      some other line\n") is None
-    bundle = deploy_cli.parse_result_line(f"prefix {line}\n")  # wherever the stream puts it
+    assert parse_result_line("INFO :      some other line\n") is None
+    bundle = parse_result_line(f"prefix {line}\n")  # wherever the stream puts it
     assert bundle is not None and bundle["files"] == files and bundle["center-folder"] == "/srv/results/r1"
-    saved = deploy_cli.save_results(bundle, tmp_path / "out")
+    saved = save_results(bundle, tmp_path / "out")
     assert [p.read_text() for p in saved] == list(files.values())
-    with pytest.raises(DeployError, match="checksum"):
-        deploy_cli.parse_result_line(line.replace("NaN", "0.5"))
-    with pytest.raises(DeployError, match="damaged"):
-        deploy_cli.parse_result_line(line[: len(line) // 2])
-    evil = deploy_cli.parse_result_line(deploy_cli.result_line("r1", "/x", {"../escape.json": "{}"}))
+    with pytest.raises(ResultLineError, match="checksum"):
+        parse_result_line(line.replace("NaN", "0.5"))
+    with pytest.raises(ResultLineError, match="damaged"):
+        parse_result_line(line[: len(line) // 2])
+    evil = parse_result_line(result_line("r1", "/x", {"../escape.json": "{}"}))
     with pytest.raises(DeployError, match="unexpected file"):
-        deploy_cli.save_results(evil, tmp_path / "out")
+        save_results(evil, tmp_path / "out")
     assert not (tmp_path / "escape.json").exists()
-    with pytest.raises(DeployError, match="too large"):
-        deploy_cli.result_line("r1", "/x", {"metrics.json": "x" * deploy_cli.MAX_RESULT_BYTES})
+    with pytest.raises(ResultLineError, match="too large"):
+        result_line("r1", "/x", {"metrics.json": "x" * MAX_RESULT_BYTES})
 
 
 def test_wrapper_stops_when_its_helper_dies(caplog) -> None:
     """`fedspatial client` runs the warm executor beside flower-supernode: if it dies, the
     SuperNode (which could not run any message) is stopped too, with a message."""
     start = time.monotonic()
-    code = deploy_cli.run_child(
+    code = run_child(
         [sys.executable, "-c", "import time; time.sleep(60)"], explain={}, what="the main process",
         helpers={"the helper": [sys.executable, "-c", "raise SystemExit(3)"]},
     )
@@ -632,7 +646,7 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
     assert res.stdout.count("[ROUND 1/2]") == 1 and res.stdout.count("run 't1' finished") == 1
     assert "run 't1' finished: 2 round(s), 3 site(s)" in res.stdout and "joint ARI" in res.stdout
     # ... and the report files come back byte for byte; the marked line is not echoed.
-    assert deploy_cli.RESULT_MARKER not in res.stdout and "[run report received:" in res.stdout
+    assert RESULT_MARKER not in res.stdout and "[run report received:" in res.stdout
     for name in ("metrics.json", "config.json"):
         assert (deployment.root / "submitter" / "t1" / name).read_bytes() == (deployment.results / "t1" / name).read_bytes()
     # A submitter who stopped following gets the report again from the run's log.

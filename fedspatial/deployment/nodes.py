@@ -1,0 +1,260 @@
+"""``fedspatial server`` and ``fedspatial client``: check the center's or the hospital's
+setup, build the ``flower-superlink`` / ``flower-supernode`` command line, and run it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedspatial.deployment.certificates import (
+    check_auth_key,
+    check_server_certificates,
+    load_certificate,
+    public_key_path,
+)
+from fedspatial.deployment.errors import SUPERLINK_EXIT_HELP, SUPERNODE_EXIT_HELP, DeployError
+from fedspatial.deployment.network import (
+    DEFAULT_CLIENT_RUNTIME_PORT,
+    DEFAULT_PORT,
+    check_superlink,
+    format_address,
+    parse_address,
+    port_free,
+)
+from fedspatial.deployment.processes import flower_binary, run_child
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- local checks
+
+
+def check_site_data(data_path: str | Path, *, spatial_key: str = "spatial", label_key: str = "domain") -> str:
+    """Run ``fedspatial inspect``'s validation on a hospital's data path.
+
+    Returns
+    -------
+    str
+        The site summary (sections, spots, features).
+
+    Raises
+    ------
+    DeployError
+        When the path is missing or any problem is found.
+    """
+    from fedspatial.shared.data.io import inspect_site
+
+    path = Path(data_path).expanduser()
+    if not path.exists():
+        raise DeployError(
+            f"data path {path} does not exist: give the folder (or .h5ad file) holding this "
+            "hospital's sections with --data-path, and check it with `fedspatial inspect PATH`"
+        )
+    summary, problems = inspect_site(path, spatial_key=spatial_key, label_key=label_key)
+    if problems:
+        listed = "\n  - ".join(problems)
+        raise DeployError(f"{len(problems)} problem(s) in {path} (`fedspatial inspect {path}`):\n  - {listed}")
+    return summary.format() if summary is not None else ""
+
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise DeployError(f"{what} {path} is not writable ({err.strerror}): check its owner and permissions") from None
+
+
+def _toml_string(value: str, what: str) -> str:
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    raise DeployError(f"{what} {value!r} contains both quote characters: rename or link it")
+
+
+# ----------------------------------------------------------------------------- the center
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What ``fedspatial server`` needs (its options: :mod:`fedspatial.cli`)."""
+
+    certs: Path | None
+    ssl_certfile: Path | None
+    ssl_keyfile: Path | None
+    ssl_ca_certfile: Path | None
+    database: Path
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    log_file: Path | None = None
+    workdir: Path | None = None
+
+    def cert_paths(self) -> tuple[Path, Path, Path]:
+        if self.certs is not None:
+            base = self.certs.expanduser()
+            return base / "server.crt", base / "server.key", base / "ca.crt"
+        if not (self.ssl_certfile and self.ssl_keyfile and self.ssl_ca_certfile):
+            raise DeployError(
+                "give --certs DIR (ca.crt, server.crt, server.key from deploy/gen-certs.sh) or all of "
+                "--ssl-certfile, --ssl-keyfile and --ssl-ca-certfile"
+            )
+        return self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certfile
+
+
+def superlink_command(opts: ServerOptions) -> list[str]:
+    """Check the center's setup and return the ``flower-superlink`` command line.
+
+    Raises
+    ------
+    DeployError
+        Certificates (see :func:`check_server_certificates`), a database folder that
+        cannot be written, or a port already in use.
+    """
+    cert, key, ca = opts.cert_paths()
+    names = check_server_certificates(cert, key, ca, opts.host)
+    database = opts.database.expanduser().resolve()
+    _check_writable_dir(database.parent, "database folder")
+    if not port_free(opts.host, opts.port):
+        raise DeployError(
+            f"port {opts.port} on {opts.host} is already in use: another SuperLink (or another "
+            f"service) runs there; stop it, or choose another port with --port"
+        )
+    logger.info("SuperLink certificate is valid for: %s (hospitals connect to one of these, port %d)",
+                ", ".join(names), opts.port)
+    logger.info("state database: %s (%s)", database, "existing" if database.exists() else "new")
+    cmd = [
+        flower_binary("flower-superlink"),
+        "--ssl-certfile", str(cert.expanduser().resolve()),
+        "--ssl-keyfile", str(key.expanduser().resolve()),
+        "--ssl-ca-certfile", str(ca.expanduser().resolve()),
+        "--enable-supernode-auth",
+        "--database", str(database),
+        "--host", opts.host,
+        "--port", str(opts.port),
+        # The center runs the installed fedspatial; never pip/uv-install what a run asks for.
+        "--disable-runtime-dependency-installation",
+    ]
+    if opts.log_file is not None:
+        log_file = opts.log_file.expanduser().resolve()
+        _check_writable_dir(log_file.parent, "log folder")
+        cmd += ["--log-file", str(log_file)]
+    return cmd
+
+
+def run_server(opts: ServerOptions) -> int:
+    """``fedspatial server``: check, then run ``flower-superlink`` until stopped."""
+    cmd = superlink_command(opts)
+    cwd = opts.workdir.expanduser().resolve() if opts.workdir else None
+    if cwd is not None:
+        cwd.mkdir(parents=True, exist_ok=True)
+    logger.info("starting the SuperLink on %s (TLS, SuperNode authentication)",
+                format_address(opts.host, opts.port))
+    explain = {k: v.format(database=opts.database) for k, v in SUPERLINK_EXIT_HELP.items()}
+    return run_child(cmd, explain=explain, what="flower-superlink", cwd=cwd)
+
+
+# ----------------------------------------------------------------------------- a hospital
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """What ``fedspatial client`` needs (its options: :mod:`fedspatial.cli`)."""
+
+    superlink: str
+    data_path: Path
+    ca_cert: Path
+    auth_key: Path
+    site_name: str | None = None
+    output_path: Path | None = None
+    runtime_port: int = DEFAULT_CLIENT_RUNTIME_PORT
+    connect_timeout: float = 10.0
+    spatial_key: str = "spatial"
+    label_key: str = "domain"
+    clientapp_runner: str = "warm"
+    """``warm``: :mod:`fedspatial.clientapp_executor` runs the ClientApps from a preloaded
+    fork server; ``flower``: Flower's own SuperExec starts ``flwr-clientapp`` per message."""
+
+
+CLIENTAPP_RUNNERS = ("warm", "flower")
+
+
+def supernode_command(opts: ClientOptions) -> list[str]:
+    """Check the hospital's setup and return the ``flower-supernode`` command line.
+
+    Order: files first (cheap, local), then the data, then the network.
+
+    Raises
+    ------
+    DeployError
+        See :func:`check_auth_key`, :func:`check_site_data`, :func:`check_superlink`.
+    """
+    host, port = parse_address(opts.superlink)
+    ca = Path(opts.ca_cert).expanduser().resolve()
+    load_certificate(ca, "CA certificate")
+    key = check_auth_key(opts.auth_key).resolve()
+    data = Path(opts.data_path).expanduser().resolve()
+    summary = check_site_data(data, spatial_key=opts.spatial_key, label_key=opts.label_key)
+    logger.info("site data %s:\n%s", data, summary)
+    site = opts.site_name or data.stem
+    node_config = [f"data-path={_toml_string(str(data), 'data path')}", f"site-name={_toml_string(site, 'site name')}"]
+    if opts.output_path is not None:
+        out = Path(opts.output_path).expanduser().resolve()
+        _check_writable_dir(out, "output path")
+        node_config.append(f"output-path={_toml_string(str(out), 'output path')}")
+    else:
+        _check_writable_dir(data.parent / "fedspatial-results", "output folder")
+    if not port_free("127.0.0.1", opts.runtime_port):
+        raise DeployError(
+            f"local port {opts.runtime_port} (this SuperNode's Runtime API, 127.0.0.1 only) is in use: "
+            "another SuperNode runs on this machine; give each one its own --runtime-port"
+        )
+    if opts.clientapp_runner not in CLIENTAPP_RUNNERS:
+        raise DeployError(f"--clientapp-runner must be one of {', '.join(CLIENTAPP_RUNNERS)}, not {opts.clientapp_runner!r}")
+    check_superlink(format_address(host, port), ca, timeout=opts.connect_timeout)
+    return [
+        flower_binary("flower-supernode"),
+        "--superlink", format_address(host, port),
+        "--root-certificates", str(ca),
+        "--auth-supernode-private-key", str(key),
+        "--node-config", " ".join(node_config),
+        # The Runtime API is for this machine's ClientApp processes only.
+        "--host", "127.0.0.1",
+        "--port", str(opts.runtime_port),
+        # warm: our executor, not Flower's SuperExec, starts the ClientApps.
+        "--isolation", "process" if opts.clientapp_runner == "warm" else "subprocess",
+    ]
+
+
+def executor_command(opts: ClientOptions) -> list[str]:
+    """The warm ClientApp executor next to ``flower-supernode --isolation process``."""
+    from fedspatial.clientapp_executor import LAUNCH_COMMAND
+
+    return [
+        sys.executable, "-c", LAUNCH_COMMAND,
+        "--runtime-api-address", f"127.0.0.1:{opts.runtime_port}",
+        "--parent-pid", str(os.getpid()),
+    ]
+
+
+def run_client(opts: ClientOptions) -> int:
+    """``fedspatial client``: check, then run ``flower-supernode`` until stopped."""
+    cmd = supernode_command(opts)
+    pub = public_key_path(opts.auth_key)
+    explain = {
+        k: v.format(auth_key=opts.auth_key, auth_pub=pub, auth_pub_name=pub.name, ca_cert=opts.ca_cert)
+        for k, v in SUPERNODE_EXIT_HELP.items()
+    }
+    logger.info("connecting to the SuperLink at %s (outbound only)", opts.superlink)
+    helpers = {"the ClientApp executor": executor_command(opts)} if opts.clientapp_runner == "warm" else {}
+    return run_child(
+        cmd, explain=explain, what="flower-supernode",
+        ended_by_itself="the coordinating center has probably removed this hospital "
+        "(`flwr supernode unregister`); ask the center before starting it again",
+        helpers=helpers,
+    )
