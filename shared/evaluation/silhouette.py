@@ -1,0 +1,76 @@
+"""Average silhouette widths of a joint embedding, scaled as in scib."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import silhouette_samples, silhouette_score
+
+from fedspatial.shared.evaluation.embedding_inputs import category_codes, check_embedding
+
+__all__ = ["batch_asw", "label_asw"]
+
+
+def batch_asw(
+    Z: np.ndarray,
+    batches: np.ndarray | Sequence,
+    labels: np.ndarray | Sequence | None = None,
+) -> float:
+    """scib's batch ASW: per label, the mean of ``1 - |silhouette(batches)|``.
+
+    Labels with one batch, or with as many batches as cells, are skipped (the
+    silhouette is undefined there); the score is the mean over the other labels.
+
+    Parameters
+    ----------
+    Z : np.ndarray
+        Embedding (n x d) whose batch overlap within labels is scored.
+    batches : array-like
+        Batch of each cell (n,).
+    labels : array-like or None, default None
+        Label of each cell; None treats all cells as one label.
+
+    Returns
+    -------
+    float
+        Near 1 when batches overlap within labels; NaN if no label qualifies.
+    """
+    batch_codes, _ = category_codes(batches, "batches")
+    Z = check_embedding(Z, batch_codes.size)
+    label_codes = np.zeros(batch_codes.size, dtype=np.int64)
+    if labels is not None:
+        label_codes, _ = category_codes(labels, "labels")
+    per_label = []
+    for label in np.unique(label_codes):
+        cells = label_codes == label
+        n_batches = np.unique(batch_codes[cells]).size
+        if n_batches == 1 or n_batches == cells.sum():
+            continue
+        scores = silhouette_samples(Z[cells], batch_codes[cells])
+        per_label.append(float(np.mean(1 - np.abs(scores))))
+    return float(np.mean(per_label)) if per_label else float("nan")
+
+
+def label_asw(Z: np.ndarray, labels: np.ndarray | Sequence) -> float:
+    """Label ASW: ``(silhouette + 1) / 2`` of the labels (scib's scaling).
+
+    Parameters
+    ----------
+    Z : np.ndarray
+        Embedding (n x d) whose labels should form compact, separate clusters.
+    labels : array-like
+        Label of each cell (n,).
+
+    Returns
+    -------
+    float
+        Near 1 for compact, well-separated labels; NaN with fewer than 2 labels
+        or one cell per label.
+    """
+    codes, n_labels = category_codes(labels, "labels")
+    Z = check_embedding(Z, codes.size)
+    if not 2 <= n_labels <= codes.size - 1:
+        return float("nan")
+    return float((silhouette_score(Z, codes) + 1) / 2)
+
