@@ -26,6 +26,8 @@ import numpy as np
 from scipy import linalg
 from scipy.special import logsumexp
 
+from fedspatial.shared.algorithms.arrays import float64_arrays, scalar
+
 CovarianceType = Literal["tied", "full"]
 COVARIANCE_TYPES: tuple[str, ...] = ("tied", "full")
 _EPS10 = 10 * np.finfo(np.float64).eps  # scikit-learn's guard against empty components
@@ -150,12 +152,15 @@ class MixtureStats:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> MixtureStats:
+        resp_sum, weighted_sum, second_moment = float64_arrays(
+            arrays, ("resp_sum", "weighted_sum", "second_moment")
+        )
         return cls(
-            np.asarray(arrays["resp_sum"], dtype=np.float64),
-            np.asarray(arrays["weighted_sum"], dtype=np.float64),
-            np.asarray(arrays["second_moment"], dtype=np.float64),
-            float(np.asarray(arrays["log_likelihood"]).reshape(-1)[0]),
-            float(np.asarray(arrays["n_cells"]).reshape(-1)[0]),
+            resp_sum,
+            weighted_sum,
+            second_moment,
+            scalar(arrays, "log_likelihood"),
+            scalar(arrays, "n_cells"),
         )
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedspatial.shared.algorithms.arrays import float64_arrays
+
 
 @dataclass
 class PCABasis:
@@ -58,11 +60,7 @@ class PCABasis:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PCABasis:
-        return cls(
-            np.asarray(arrays["mean"], dtype=np.float64),
-            np.asarray(arrays["components"], dtype=np.float64),
-            np.asarray(arrays["explained_variance"], dtype=np.float64),
-        )
+        return cls(*float64_arrays(arrays, ("mean", "components", "explained_variance")))
 
 
 # ---------------------------------------------------------------- site side
