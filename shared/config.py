@@ -246,35 +246,52 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     return ExperimentConfig.from_dict(raw, source=str(path))
 
 
+def _value(cfg: ExperimentConfig, key: str) -> Any:
+    """The value of a dotted kebab-case key, e.g. ``"training.num-rounds"``."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name.replace("-", "_"))
+
+
+def _at_least(cfg: ExperimentConfig, key: str, minimum: int, note: str = "") -> tuple[bool, str]:
+    """``(value >= minimum, "<key>: must be >= <minimum>")``, the note in brackets after."""
+    message = f"{key}: must be >= {minimum}" + (f" ({note})" if note else "")
+    return _value(cfg, key) >= minimum, message
+
+
+def _positive(cfg: ExperimentConfig, key: str) -> tuple[bool, str]:
+    """``(value > 0, "<key>: must be > 0")``."""
+    return _value(cfg, key) > 0, f"{key}: must be > 0"
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Reject impossible values, naming the key and what is allowed."""
     checks: list[tuple[bool, str]] = [
         (cfg.run_name != "" and "/" not in cfg.run_name, "run-name: must be a non-empty name without '/'"),
-        (cfg.data.synthetic_scale > 0, "data.synthetic-scale: must be > 0"),
-        (cfg.features.n_top_features >= 2, "features.n-top-features: must be >= 2"),
-        (cfg.features.target_sum > 0, "features.target-sum: must be > 0"),
-        (cfg.neighbors.n_neighbors >= 1, "neighbors.n-neighbors: must be >= 1"),
+        _positive(cfg, "data.synthetic-scale"),
+        _at_least(cfg, "features.n-top-features", 2),
+        _positive(cfg, "features.target-sum"),
+        _at_least(cfg, "neighbors.n-neighbors", 1),
         (cfg.neighbors.graph != "radius" or cfg.neighbors.radius > 0, "neighbors.radius: must be > 0 when graph is 'radius'"),
-        (cfg.model.hidden_dim >= 1, "model.hidden-dim: must be >= 1"),
-        (cfg.model.latent_dim >= 1, "model.latent-dim: must be >= 1"),
+        _at_least(cfg, "model.hidden-dim", 1),
+        _at_least(cfg, "model.latent-dim", 1),
         (0 <= cfg.model.dropout < 1, "model.dropout: must be in [0, 1)"),
-        (cfg.training.num_rounds >= 1, "training.num-rounds: must be >= 1"),
-        (cfg.training.local_epochs >= 1, "training.local-epochs: must be >= 1"),
-        (cfg.training.batch_size >= 1, "training.batch-size: must be >= 1"),
-        (cfg.training.lr > 0, "training.lr: must be > 0"),
-        (cfg.training.weight_decay >= 0, "training.weight-decay: must be >= 0"),
-        (cfg.training.proximal_mu >= 0, "training.proximal-mu: must be >= 0"),
-        (cfg.training.min_nodes >= 0, "training.min-nodes: must be >= 0 (0 = all sites)"),
-        (cfg.clustering.n_domains >= 2, "clustering.n-domains: must be >= 2"),
-        (cfg.clustering.kmeans_max_iter >= 1, "clustering.kmeans-max-iter: must be >= 1"),
-        (cfg.clustering.kmeans_tol >= 0, "clustering.kmeans-tol: must be >= 0"),
-        (cfg.clustering.n_init >= 1, "clustering.n-init: must be >= 1"),
-        (cfg.clustering.mixture_max_iter >= 1, "clustering.mixture-max-iter: must be >= 1"),
-        (cfg.clustering.harmony_theta >= 0, "clustering.harmony-theta: must be >= 0"),
-        (cfg.clustering.harmony_sigma > 0, "clustering.harmony-sigma: must be > 0"),
-        (cfg.clustering.harmony_clusters >= 0, "clustering.harmony-clusters: must be >= 0 (0 = harmonypy's default)"),
-        (cfg.clustering.harmony_max_iter >= 1, "clustering.harmony-max-iter: must be >= 1"),
-        (cfg.features.n_pcs >= 0, "features.n-pcs: must be >= 0 (0 = no PCA)"),
+        _at_least(cfg, "training.num-rounds", 1),
+        _at_least(cfg, "training.local-epochs", 1),
+        _at_least(cfg, "training.batch-size", 1),
+        _positive(cfg, "training.lr"),
+        _at_least(cfg, "training.weight-decay", 0),
+        _at_least(cfg, "training.proximal-mu", 0),
+        _at_least(cfg, "training.min-nodes", 0, "0 = all sites"),
+        _at_least(cfg, "clustering.n-domains", 2),
+        _at_least(cfg, "clustering.kmeans-max-iter", 1),
+        _at_least(cfg, "clustering.kmeans-tol", 0),
+        _at_least(cfg, "clustering.n-init", 1),
+        _at_least(cfg, "clustering.mixture-max-iter", 1),
+        _at_least(cfg, "clustering.harmony-theta", 0),
+        _positive(cfg, "clustering.harmony-sigma"),
+        _at_least(cfg, "clustering.harmony-clusters", 0, "0 = harmonypy's default"),
+        _at_least(cfg, "clustering.harmony-max-iter", 1),
+        _at_least(cfg, "features.n-pcs", 0, "0 = no PCA"),
         (
             0 <= cfg.features.small_panel_fraction <= 1,
             "features.small-panel-fraction: must be between 0 and 1 (0 = plain intersection)",
@@ -292,15 +309,15 @@ def validate(cfg: ExperimentConfig) -> None:
             not cfg.privacy.local_dp or cfg.training.proximal_mu == 0,
             "privacy.local-dp: needs training.proximal-mu 0 (Opacus privatizes per-sample gradients only)",
         ),
-        (cfg.privacy.target_epsilon > 0, "privacy.target-epsilon: must be > 0"),
-        (cfg.privacy.noise_multiplier >= 0, "privacy.noise-multiplier: must be >= 0 (0 = calibrate from target-epsilon)"),
+        _positive(cfg, "privacy.target-epsilon"),
+        _at_least(cfg, "privacy.noise-multiplier", 0, "0 = calibrate from target-epsilon"),
         (0 < cfg.privacy.delta < 1, "privacy.delta: must be in (0, 1), typically below 1 / number of cells"),
-        (cfg.privacy.max_grad_norm > 0, "privacy.max-grad-norm: must be > 0"),
-        (cfg.privacy.budget_epsilon >= 0, "privacy.budget-epsilon: must be >= 0 (0 = target-epsilon)"),
-        (cfg.privacy.max_degree >= 0, "privacy.max-degree: must be >= 0 (0 = n-neighbors)"),
-        (cfg.privacy.feature_stats_noise >= 0, "privacy.feature-stats-noise: must be >= 0 (0 = exact aggregates)"),
-        (cfg.privacy.central_noise_multiplier > 0, "privacy.central-noise-multiplier: must be > 0"),
-        (cfg.privacy.central_clipping_norm > 0, "privacy.central-clipping-norm: must be > 0"),
+        _positive(cfg, "privacy.max-grad-norm"),
+        _at_least(cfg, "privacy.budget-epsilon", 0, "0 = target-epsilon"),
+        _at_least(cfg, "privacy.max-degree", 0, "0 = n-neighbors"),
+        _at_least(cfg, "privacy.feature-stats-noise", 0, "0 = exact aggregates"),
+        _positive(cfg, "privacy.central-noise-multiplier"),
+        _positive(cfg, "privacy.central-clipping-norm"),
         (
             cfg.privacy.central_dp == "none" or cfg.model.batch == "none",
             "privacy.central-dp: needs model.batch 'none' (per-site decoder weights are summed, not averaged)",
@@ -314,8 +331,8 @@ def validate(cfg: ExperimentConfig) -> None:
             not cfg.privacy.secagg or cfg.model.batch == "none",
             "privacy.secagg: needs model.batch 'none' (per-site decoder weights cannot be summed under masking)",
         ),
-        (cfg.simulation.num_cpus >= 1, "simulation.num-cpus: must be >= 1"),
-        (cfg.simulation.cpus_per_client >= 1, "simulation.cpus-per-client: must be >= 1"),
+        _at_least(cfg, "simulation.num-cpus", 1),
+        _at_least(cfg, "simulation.cpus-per-client", 1),
         (
             bool(cfg.simulation.modes) and set(cfg.simulation.modes) <= set(MODES),
             f"simulation.modes: must be a non-empty list drawn from {list(MODES)}",
