@@ -7,7 +7,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from fedspatial.shared.algorithms import kmeans as clustering
+from fedspatial.shared.algorithms import _kmeans_arrays
 from fedspatial.shared.algorithms.kmeans import (
     ClusterStats,
     FeatureMoments,
@@ -56,7 +56,7 @@ def test_assign_clusters_in_chunks_matches_brute_force(monkeypatch):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(1003, 5)).astype(np.float32)
     centroids = rng.normal(size=(7, 5))
-    monkeypatch.setattr(clustering, "_CHUNK_BYTES", 8 * 64)  # a few rows per chunk
+    monkeypatch.setattr(_kmeans_arrays, "CHUNK_BYTES", 8 * 64)  # a few rows per chunk
     labels, dist = assign_clusters(X, centroids)
     full = ((X.astype(np.float64)[:, None, :] - centroids[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(labels, full.argmin(1))
@@ -205,7 +205,7 @@ def test_pooled_feature_variance_equals_numpy_var():
 
 def test_feature_moments_chunked_match(monkeypatch):
     X = np.random.default_rng(4).normal(100.0, 0.1, size=(501, 3))  # offset: tests stability
-    monkeypatch.setattr(clustering, "_CHUNK_BYTES", 8 * 60)
+    monkeypatch.setattr(_kmeans_arrays, "CHUNK_BYTES", 8 * 60)
     m = feature_moments(X)
     assert m.count == 501
     np.testing.assert_allclose(m.mean, X.mean(0), rtol=1e-13)
@@ -258,7 +258,7 @@ def test_isotropic_posterior_rows_sum_to_one_and_are_stable(monkeypatch):
     rng = np.random.default_rng(5)
     X = rng.normal(scale=1e3, size=(300, 4))
     centroids = rng.normal(scale=1e3, size=(6, 4))
-    monkeypatch.setattr(clustering, "_CHUNK_BYTES", 8 * 100)
+    monkeypatch.setattr(_kmeans_arrays, "CHUNK_BYTES", 8 * 100)
     post = isotropic_posterior(X, centroids, variance=1e-3)  # huge logits
     assert np.isfinite(post).all()
     np.testing.assert_allclose(post.sum(1), 1.0, rtol=1e-12)
