@@ -19,14 +19,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("server", "client", "shared", "strategies")
 MAX_LINES = 500  # issue 12: "no module over about 500 lines"
-# Modules still over MAX_LINES while issue 12's split is under way, with their size as a
-# ceiling: they may shrink, not grow (remove each entry once its module is split).
-OVERSIZED = {
-    "fedspatial.shared.features.selection": 785,
-    "fedspatial.shared.evaluation.integration": 579,
-    "fedspatial.shared.data.synthetic": 560,
-    "fedspatial.shared.graph.neighbors": 526,
-}
 # The simulation driver starts both apps in one process (Flower's run_simulation), so it
 # imports the ClientApp; it is the one composition root under server/ (to move beside cli).
 ALLOWED_CROSSING = {("fedspatial.server.simulate", "fedspatial.client.app")}
@@ -216,8 +208,7 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_no_module_is_too_long():
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
-    grown = {name: n for name, n in long.items() if n > OVERSIZED.get(name, MAX_LINES)}
-    assert grown == {}, f"split these by concern (limit {MAX_LINES} lines): {grown}"
+    assert long == {}, f"split these by concern (limit {MAX_LINES} lines): {long}"
 
 
 
