@@ -18,7 +18,13 @@ def test_run_config_round_trip_matches_pyproject():
     cfg = ExperimentConfig()
     assert ExperimentConfig.from_run_config(cfg.to_run_config()) == cfg
     flwr_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert set(flwr_config) == set(cfg.to_run_config())
+    defaults = cfg.to_run_config()
+    assert set(flwr_config) == set(defaults)
+    # The schema (shared/config.py) is the one definition: the Flower run config ships its
+    # defaults, value and type, except the run's name.
+    differ = {k: (flwr_config[k], defaults[k]) for k in defaults if k != "run-name" and (
+        flwr_config[k] != defaults[k] or type(flwr_config[k]) is not type(defaults[k]))}
+    assert differ == {}, f"[tool.flwr.app.config] disagrees with shared/config.py: {differ}"
     ExperimentConfig.from_run_config(flwr_config)  # every shipped key is valid
 
 
