@@ -15,9 +15,9 @@ import anndata as ad
 import numpy as np
 import torch
 
+from fedspatial.shared.data.io import load_site
 from fedspatial.shared.features.selection import FeatureSpace, transform
 from fedspatial.shared.graph.neighbors import section_neighbors
-from fedspatial.shared.data.io import load_site
 from fedspatial.shared.training.loop import GraphData
 
 logger = logging.getLogger(__name__)
