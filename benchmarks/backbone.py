@@ -107,7 +107,7 @@ def main() -> int:
         "joint_ari": {m: round(results[m]["joint_ari"], 4) for m in ("federated", "local", "centralized")},
         "wall_s": {m: round(results[m]["wall_s"], 2) for m in ("federated", "local", "centralized")},
         "wall_ratio": round(ratio, 3),
-        **provenance({"command": " ".join(sys.argv), "scale": args.scale, "run-config": cfg.to_run_config()}),
+        **provenance({"command": " ".join(["python", "benchmarks/backbone.py", *sys.argv[1:]]), "scale": args.scale, "run-config": cfg.to_run_config()}),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

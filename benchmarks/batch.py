@@ -375,8 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         for name, res in (("synthetic", results["synthetic"]), ("dlpfc", results["dlpfc"]))
     }
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    figures.update(provenance({"command": " ".join(["python", "benchmarks/batch.py", *(sys.argv[1:] if argv is None else argv)]), **settings}))
+    figures.update(provenance({"command": " ".join(["python", "benchmarks/batch.py", *(sys.argv[1:] if argv is None else argv)]), **vars(args)}))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "batch.json", figures)
     where = f"\nCommit `{figures['commit']}`, {figures['date']}, {os.cpu_count()} CPU cores.\n"

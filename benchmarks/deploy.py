@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -31,6 +30,7 @@ from typing import Any
 import anndata as ad
 import psutil
 import tomli_w
+from provenance import provenance  # benchmarks/provenance.py
 
 from fedspatial.deployment.certificates import generate_keypair
 from fedspatial.deployment.errors import DeployError
@@ -40,6 +40,7 @@ from fedspatial.deployment.submit import write_flwr_connection
 from fedspatial.server.simulate import simulate, synthetic_spec
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,13 +51,6 @@ RUN_CONFIG: dict[str, Any] = {
     "num-rounds": 2, "local-epochs": 1, "batch-size": 64, "n-top-features": 60,
     "hidden-dim": 32, "latent-dim": 8, "kmeans-max-iter": 3, "min-nodes": 3,
 }
-# The same benchmark before the warm executor and the lazy imports (commit c5a166b, 15-min
-# load average 3.6): every message started a fresh flwr-clientapp process that imported
-# torch-geometric and matplotlib. The import CPU seconds were measured alternating with
-# the lazy-import tree, 4 runs each (the median), on the same machine.
-BEFORE = {"small": {"deployment_wall_s": 323.8, "s_per_message": 23.3},
-          "demo": {"deployment_wall_s": 324.7, "s_per_message": 23.3},
-          "clientapp_import_s": 9.3, "clientapp_import_cpu_s": 9.7, "load_avg_15min": 3.6}
 DATASETS = {
     "small": dataclasses.replace(SyntheticSpec(seed=5), spots_per_section=(120, 180), n_features=80),
     "demo": synthetic_spec(seed=0),
@@ -220,73 +214,68 @@ def main() -> int:
                      "load_avg_15min_after": round(os.getloadavg()[2], 2)})
         log.info("%s: simulation %.0f s, deployment %.0f s", ds, sim["wall_s"], dep["wall_s"])
     imports = [import_seconds() for _ in range(3)]
-    meta = {"cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "run_config": RUN_CONFIG,
+    meta = {"run_config": RUN_CONFIG,
             "clientapp_import_s": sorted(w for w, _ in imports)[1],
             "clientapp_import_cpu_s": sorted(c for _, c in imports)[1],
             "load_avg_15min_at_imports": round(os.getloadavg()[2], 2),
-            "warm_executor": warm_fork_seconds(), "before": BEFORE}
+            "warm_executor": warm_fork_seconds()}
+    command = " ".join(["python", "benchmarks/deploy.py", *sys.argv[1:]])
+    result = {"meta": meta, "rows": rows, **provenance({"command": command, **vars(args), "run-config": RUN_CONFIG})}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "deploy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "deploy.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    write_json_atomic(out / "deploy.json", result)
+    write_text_atomic(out / "deploy.md", markdown(result))
+    print(markdown(result))
     return 0
 
 
-def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def markdown(result: dict[str, Any]) -> str:
+    meta, rows, machine = result["meta"], result["rows"], result["machine"]
     cfg = " ".join(f"{k}={v}" for k, v in meta["run_config"].items())
     warm = meta["warm_executor"]
-    before = meta["before"]
     lines = [
         "# Deployed vs simulated: the same 2-round run",
         "",
-        f"`python benchmarks/deploy.py` on {meta['cpus']} CPU cores ({meta['machine']}, Python "
-        f"{meta['python']}), one mode after the other. 3 sites (7 sections), run config: `{cfg}`.",
+        f"`{result['config']['command']}` at commit `{result['commit']}`, {result['date']}, on "
+        f"{machine['cpus']} CPU cores ({machine['processor']}, Python {machine['python']}), one mode "
+        f"after the other. 3 sites (7 sections), run config: `{cfg}`.",
         "Deployment: `fedspatial server` (TLS, SuperNode authentication, database) and three "
         "`fedspatial client`s (warm ClientApp executor, the default) on 127.0.0.1, run submitted "
         "with `flwr run`. Simulation: Flower's simulation runtime (Ray), as `fedspatial simulate`.",
         "",
-        "| data | spots | simulation wall s | deployment wall s | ratio | deployment before (c5a166b) "
-        "| deployment: federation start s | messages per site | s per message (before) | joint ARI sim / deploy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| data | spots | simulation wall s | deployment wall s | ratio "
+        "| deployment: federation start s | messages per site | s per message | joint ARI sim / deploy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         sim, dep = r["simulation"], r["deployment"]
-        old = before.get(r["dataset"], {})
         lines.append(
             f"| {r['dataset']} | {r['spots']:,} | {sim['wall_s']:.0f} | {dep['wall_s']:.0f} | "
-            f"{dep['wall_s'] / sim['wall_s']:.1f}x | {old.get('deployment_wall_s', float('nan')):.0f} | "
+            f"{dep['wall_s'] / sim['wall_s']:.1f}x | "
             f"{dep['startup_s']:.0f} | {dep['messages_per_site']} | "
-            f"{dep['serverapp_s'] / dep['messages_per_site']:.1f} ({old.get('s_per_message', float('nan')):.1f}) | "
+            f"{dep['serverapp_s'] / dep['messages_per_site']:.1f} | "
             f"{sim['joint_ari']:.3f} / {dep['joint_ari']:.3f} |"
         )
     loads = ", ".join(f"{r['dataset']}: {r['load_avg_15min_after']}" for r in rows)
     lines += [
         "",
-        f"- 15-minute load average after each pair of runs: {loads}; before: "
-        f"{before['load_avg_15min']}. The machine is shared, and other jobs ran at the same time: "
-        "compare with care (simulation, which did not change, shows how much slower the "
-        "machine was).",
+        f"- 15-minute load average after each pair of runs: {loads}. The machine is shared, and "
+        "other jobs may run at the same time: compare the ratio of the two modes, measured side "
+        "by side, rather than absolute seconds.",
         "- *wall s*: from submitting the run to its end, as the submitter sees it (simulation: "
         "including Ray's start). *federation start*: SuperLink up, 3 keys registered, 3 SuperNodes "
         "online (once per deployment, not per run). *s per message*: the ServerApp's wall time "
-        "divided by the messages each site received. *before*: the same benchmark at commit "
-        "c5a166b, when each message started a fresh `flwr-clientapp` process.",
-        f"- Where the time went, and what changed: Flower 1.42 runs each message in a new ClientApp "
-        f"process and has no option to keep one per run. Starting Python and importing the ClientApp "
-        f"took {before['clientapp_import_s']:.1f} s per message and site ({before['clientapp_import_cpu_s']:.1f} "
-        f"CPU s). Lazy imports (torch-geometric only for whole-graph embedding, matplotlib only for "
-        f"plots) bring it to {meta['clientapp_import_cpu_s']:.1f} CPU s ({meta['clientapp_import_s']:.1f} s "
-        f"wall at load {meta['load_avg_15min_at_imports']}; `--clientapp-runner flower`). The warm "
-        f"executor (`fedspatial client`'s default) imports once when the hospital starts "
-        f"({warm['preload_s']:.1f} s) and forks each message's process from there: "
-        f"{warm['fork_s'] * 1000:.0f} ms to start one.",
+        "divided by the messages each site received.",
+        f"- Start-up cost of one message's ClientApp process: Flower 1.42 runs each message in a new "
+        f"process. Starting Python and importing the ClientApp (`--clientapp-runner flower`) takes "
+        f"{meta['clientapp_import_cpu_s']:.1f} CPU s ({meta['clientapp_import_s']:.1f} s wall at load "
+        f"{meta['load_avg_15min_at_imports']}; median of 3). The warm executor (`fedspatial client`'s "
+        f"default) imports once when the hospital starts ({warm['preload_s']:.1f} s) and forks each "
+        f"message's process from there: {warm['fork_s'] * 1000:.0f} ms to start one (median of 5).",
         "- What a message still costs, besides its work: Flower's SuperNode asks the SuperLink for "
         "new messages every 3 s while it has none (fixed in Flower 1.42), so each of the run's "
         "sequential steps waits on average half of that, plus the exchanges of the ClientApp "
         "process with its SuperNode and of the SuperNode with the SuperLink. Simulation keeps "
-        "one warm process per site and hands messages over in memory. Training itself is well "
-        "under a second per round at this size, so the wall time barely depends on the data size.",
+        "one warm process per site and hands messages over in memory.",
         "- A run sends `6 + 2 x num-rounds + k-means iterations` messages to each site. With "
         "`configs/demo.yaml` (30 rounds, up to 100 k-means iterations) that is up to 166 "
         "messages: budget for it, or cap `kmeans-max-iter` / set `kmeans-tol` (deploy/run.yaml).",

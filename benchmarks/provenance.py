@@ -2,12 +2,13 @@
 
 ``provenance(config)`` returns the four keys every result file carries: ``commit`` (the
 checkout's HEAD, marked ``-dirty`` when files differ from it), ``config`` (the settings
-as run), ``machine`` (what a reader needs to compare timings) and ``date`` (UTC).
+as run, made JSON-ready: paths become strings), ``machine`` (what a reader needs to compare timings) and ``date`` (UTC).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import subprocess
@@ -47,10 +48,11 @@ def machine() -> dict[str, Any]:
 
 
 def provenance(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``commit``, ``config``, ``machine`` and ``date`` of a result."""
+    """``commit``, ``config``, ``machine`` and ``date`` of a result. ``config`` goes through
+    JSON once here (paths and other non-JSON values as ``str``), so no script converts."""
     return {
         "commit": commit(),
-        "config": dict(config),
+        "config": json.loads(json.dumps(dict(config), default=str)),
         "machine": machine(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
