@@ -28,9 +28,10 @@ def _git(*args: str) -> str:
 
 def commit() -> str:
     """HEAD of the checkout, ``-dirty`` when tracked files differ from it (``unknown``
-    outside a git checkout)."""
+    outside a git checkout). Result files are not code: benchmarks run one after another
+    rewrite them, and that does not make the next one's code differ from HEAD."""
     head = _git("rev-parse", "HEAD") or "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     return f"{head}-dirty" if dirty else head
 
 
