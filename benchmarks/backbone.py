@@ -24,9 +24,9 @@ from pathlib import Path
 
 from provenance import provenance  # benchmarks/provenance.py
 
-from fedspatial.server.simulate import simulate
 from fedspatial.shared.config import load_config
 from fedspatial.shared.data.manifest import read_manifest
+from fedspatial.simulation import simulate
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

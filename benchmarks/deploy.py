@@ -37,10 +37,10 @@ from fedspatial.deployment.errors import DeployError
 from fedspatial.deployment.network import check_superlink
 from fedspatial.deployment.processes import flower_env
 from fedspatial.deployment.submit import write_flwr_connection
-from fedspatial.server.simulate import simulate, synthetic_spec
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
 from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
+from fedspatial.simulation import simulate, synthetic_spec
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

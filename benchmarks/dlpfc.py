@@ -128,8 +128,8 @@ def run_federation(
     """Every mode of one federation for each seed. ``local_from`` names a federation run
     earlier in this invocation whose local-only runs are reused for the sites both share:
     a site alone sees only its own section, so its local run is the same computation."""
-    from fedspatial.server.simulate import simulate
     from fedspatial.shared.config import load_config
+    from fedspatial.simulation import simulate
 
     data = Path(args.data)
     manifest = write_manifest(data, sections, work / name / "federation.json")

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from provenance import provenance  # benchmarks/provenance.py
 
-from fedspatial.server.simulate import ensure_federation, simulate
 from fedspatial.shared.config import ExperimentConfig, load_config
 from fedspatial.shared.data.manifest import read_manifest
 from fedspatial.shared.data.sections import SiteSource, load_site_sections, prepare_graph_data
@@ -41,6 +40,7 @@ from fedspatial.shared.models import GATAutoencoder
 from fedspatial.shared.privacy.dp import NodeBound, dp_train_epochs, plan_round
 from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
 from fedspatial.shared.training.loop import GraphData, train_epochs
+from fedspatial.simulation import ensure_federation, simulate
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

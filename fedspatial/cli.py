@@ -45,8 +45,8 @@ def _parse_set(items: list[str] | None) -> dict[str, object]:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedspatial.server.simulate import simulate
     from fedspatial.shared.config import ExperimentConfig, load_config
+    from fedspatial.simulation import simulate
 
     overrides = _parse_set(args.set)
     if args.resume:
@@ -94,8 +94,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from fedspatial.server.simulate import synthetic_spec
     from fedspatial.shared.data.synthetic import write_synthetic_federation
+    from fedspatial.simulation import synthetic_spec
 
     manifest = write_synthetic_federation(
         args.folder, synthetic_spec(seed=args.seed, scale=args.scale), overwrite=args.overwrite

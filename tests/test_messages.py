@@ -23,10 +23,10 @@ import pytest
 from flwr.app import Message
 
 from fedspatial.server import messaging
-from fedspatial.server.simulate import simulate
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
 from fedspatial.shared.protocol.names import Query, message_type
+from fedspatial.simulation import simulate
 
 pytestmark = [pytest.mark.flower, pytest.mark.filterwarnings("ignore:Full backward hook")]
 

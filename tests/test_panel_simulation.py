@@ -10,9 +10,9 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from fedspatial.server.simulate import simulate
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.simulation import simulate
 
 pytestmark = pytest.mark.flower
 

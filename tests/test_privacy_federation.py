@@ -12,10 +12,10 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedspatial.server import messaging
-from fedspatial.server.simulate import simulate
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
 from fedspatial.shared.privacy.dp import NodeBound, calibrate_noise, epsilon_of, plan_round
+from fedspatial.simulation import simulate
 
 pytestmark = [pytest.mark.flower, pytest.mark.filterwarnings("ignore:Full backward hook")]
 

@@ -11,9 +11,9 @@ import anndata as ad
 import pytest
 
 from fedspatial.server.run_store import RunExistsError
-from fedspatial.server.simulate import simulate
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.simulation import simulate
 
 pytestmark = pytest.mark.flower
 
