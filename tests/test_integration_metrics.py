@@ -6,14 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from fedspatial.shared.evaluation.integration import (
-    ari_nmi_from_contingency,
     batch_asw,
     clisi,
     combine_site_reports,
-    contingency_table,
     graph_connectivity,
     ilisi,
     integration_report,
@@ -126,22 +123,6 @@ def test_graph_connectivity_counts_the_largest_piece() -> None:
     )
     labels = np.repeat([0, 0, 1], [60, 60, 80])
     assert graph_connectivity(Z, labels) == pytest.approx(0.75)
-
-
-def test_ari_nmi_from_summed_site_tables_equals_pooled_sklearn() -> None:
-    rng = np.random.default_rng(4)
-    labels = rng.integers(0, 4, 900)
-    clusters = np.where(rng.random(900) < 0.6, labels, rng.integers(0, 5, 900))
-    sites = np.array_split(np.arange(900), [250, 600])
-    table = sum(contingency_table(labels[s], clusters[s], 4, 5) for s in sites)
-    ari, nmi = ari_nmi_from_contingency(table)
-    assert ari == pytest.approx(adjusted_rand_score(labels, clusters), abs=1e-12)
-    assert nmi == pytest.approx(normalized_mutual_info_score(labels, clusters), abs=1e-12)
-
-
-def test_contingency_table_rejects_out_of_range_codes() -> None:
-    with pytest.raises(ValueError, match="clusters"):
-        contingency_table(np.array([0, 1]), np.array([0, 3]), 2, 3)
 
 
 def test_integration_report_keys_and_ranges() -> None:

@@ -22,8 +22,8 @@ whose per-site scores the server may average (:func:`combine_site_reports`);
 that average does not see mixing *across* sites. From shared quantities:
 
 * ARI and NMI are exact from the label x cluster contingency table, which is a
-  sum of per-site tables of counts (:func:`contingency_table`,
-  :func:`ari_nmi_from_contingency`);
+  sum of per-site tables of counts (:mod:`fedspatial.shared.evaluation.metrics`,
+  which the federation's reports use);
 * Harmony's cluster-level batch composition ``O_kb`` (an aggregate the
   federated Harmony server holds) measures mixing per cluster, not per cell;
 * LISI, ASW and graph connectivity cannot be computed from aggregates without
@@ -48,9 +48,7 @@ import numpy as np
 
 from fedspatial.shared.evaluation.cluster_agreement import (
     ari_nmi,
-    ari_nmi_from_contingency,
     cluster_embedding,
-    contingency_table,
 )
 from fedspatial.shared.evaluation.connectivity import graph_connectivity, knn_graph
 from fedspatial.shared.evaluation.embedding_inputs import category_codes, check_embedding, knn
@@ -59,12 +57,10 @@ from fedspatial.shared.evaluation.silhouette import batch_asw, label_asw
 
 __all__ = [
     "ari_nmi",
-    "ari_nmi_from_contingency",
     "batch_asw",
     "clisi",
     "cluster_embedding",
     "combine_site_reports",
-    "contingency_table",
     "graph_connectivity",
     "ilisi",
     "integration_report",
