@@ -144,7 +144,7 @@ def main() -> int:
         f"batch {cfg.training.batch_size}, {cfg.features.n_top_features} features, {cfg.clustering.n_domains} domains), "
         f"federated mode. Local DP: privacy unit one cell, degree bound {cfg.privacy.max_degree or cfg.neighbors.n_neighbors}, "
         f"clipping norm {cfg.privacy.max_grad_norm}, delta {cfg.privacy.delta:g}, noise calibrated so that each site "
-        "spends the target epsilon over the whole run (Opacus RDP accountant, node-level group bound).",
+        "spends the target epsilon over the whole run (dp-accounting PLD accountant, node-level pair: shared/privacy/accounting.py).",
         f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}, {os.cpu_count()} CPU cores (shared), "
         f"CPU only, torch {torch.__version__}. Whole benchmark {time.perf_counter() - t0:.0f} s. Command: `{cmd}`. "
         f"Commit `{figures['commit']}`, {figures['date']}.",

@@ -17,6 +17,7 @@ from torch import nn
 from fedspatial.shared.graph.neighbors import bound_in_degree, in_degree, knn_neighbors
 from fedspatial.shared.models import GATAutoencoder, NeighbourhoodAttention
 from fedspatial.shared.privacy.dp import (
+    Mechanism,
     NodeBound,
     PrivacyBudgetExceeded,
     PrivacyLedger,
@@ -135,16 +136,20 @@ def test_node_level_epsilon_matches_independent_opacus_accountant():
     model = GATAutoencoder(10, 8, 3)
     result = dp_train_epochs(model, data, plan, seed=1, on_step=lambda opt: seen.append((opt.noise_multiplier, opt.max_grad_norm)))
     ledger = PrivacyLedger(site="s", delta=1e-5, budget_epsilon=100.0)
-    ledger.record(Release("dp-sgd", 1, plan.node_noise_multiplier, plan.node_sample_rate, result.steps))
+    ledger.record(Release("dp-sgd", 1, plan.node_noise_multiplier, plan.node_sample_rate, result.steps,
+                          degree_bound=d, ego_sample_rate=plan.sample_rate))
     # Independently: one Opacus accountant stepped once per optimizer step with the
-    # node-level bound applied (rate of drawing any of a cell's D + 1 samples; noise
-    # over the 1 + 2D group sensitivity).
+    # node-level group reduction applied (rate of drawing any of a cell's D + 1 samples;
+    # noise over the 1 + 2D group sensitivity): the ledger's RDP cross-check.
     q = 30 / 300
     independent = RDPAccountant()
     for _ in range(result.steps):
         independent.step(noise_multiplier=sigma, sample_rate=1 - (1 - q) ** (d + 1))
     assert result.steps == len(seen) == 2 * 10
-    assert ledger.epsilon == pytest.approx(independent.get_epsilon(delta=1e-5), rel=0.02)
+    assert ledger.epsilon_rdp == pytest.approx(independent.get_epsilon(delta=1e-5), rel=0.02)
+    assert ledger.report()["epsilon-rdp"] == pytest.approx(ledger.epsilon_rdp)
+    # The binding (PLD) epsilon accounts the same steps, noise and rate, more tightly.
+    assert 0 < ledger.epsilon < ledger.epsilon_rdp
     # The optimizer's noise is sigma_node x (1 + 2D) x C on a per-sample clip of C.
     assert all(nm == pytest.approx(sigma * (1 + 2 * d)) and c == 0.7 for nm, c in seen)
     # Per-sample (not node-level) accounting would claim far less: the bound matters.
@@ -154,27 +159,29 @@ def test_node_level_epsilon_matches_independent_opacus_accountant():
 
 
 def test_ledger_agrees_with_googles_dp_accounting():
-    """A second, independent implementation (Google's ``dp-accounting``: its own RDP of the
-    sampled Gaussian, its own order grid and conversion) gives the ledger's epsilon to 1%,
-    and its privacy-loss-distribution accountant, which is tight for this mechanism, never
-    gives more: the ledger does not claim more privacy than the mechanism has."""
+    """The ledger's RDP cross-check (Opacus, group reduction) against a second, independent
+    implementation of the same computation (Google's ``dp-accounting`` RDP: its own RDP of
+    the sampled Gaussian, its own order grid and conversion) to 1 %; the group-reduced event
+    accounted tightly (``dp-accounting`` PLD) is below it, and the binding epsilon (PLD of the
+    node-level pair, checked numerically in test_privacy_accounting.py) is below both."""
     dpa = pytest.importorskip("dp_accounting")
     from dp_accounting import pld, rdp
 
     d, q, sigma, steps = 6, 0.1, 1.3, 20
     ledger = PrivacyLedger(site="s", delta=1e-5, budget_epsilon=100.0)
-    node_q = NodeBound(d).sample_rate(q)
-    ledger.record(Release("dp-sgd", 1, sigma, node_q, steps))
-    ledger.record(Release("dp-sgd", 2, 2 * sigma, node_q / 2, steps))
+    node_q, node_q2 = NodeBound(d).sample_rate(q), NodeBound(d).sample_rate(q / 2)
+    ledger.record(Release("dp-sgd", 1, sigma, node_q, steps, degree_bound=d, ego_sample_rate=q))
+    ledger.record(Release("dp-sgd", 2, 2 * sigma, node_q2, steps, degree_bound=d, ego_sample_rate=q / 2))
     event = dpa.ComposedDpEvent([
         dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(node_q, dpa.GaussianDpEvent(sigma)), steps),
-        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(node_q / 2, dpa.GaussianDpEvent(2 * sigma)), steps),
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(node_q2, dpa.GaussianDpEvent(2 * sigma)), steps),
     ])
     google_rdp = rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
     google_pld = pld.PLDAccountant().compose(event).get_epsilon(1e-5)
     assert node_q == pytest.approx(1 - (1 - q) ** (d + 1))
-    assert ledger.epsilon == pytest.approx(google_rdp, rel=0.01)
-    assert google_pld <= ledger.epsilon
+    assert ledger.epsilon_rdp == pytest.approx(google_rdp, rel=0.01)
+    assert google_pld <= ledger.epsilon_rdp
+    assert ledger.epsilon < google_pld
 
 
 def test_calibrated_noise_reaches_target():
@@ -188,18 +195,23 @@ def test_calibrated_noise_reaches_target():
 def test_ledger_composes_across_rounds_and_survives_serialization(tmp_path):
     ledger = PrivacyLedger(site="s", delta=1e-5, budget_epsilon=50.0, degree_bound=6)
     eps = []
+    node_q = NodeBound(6).sample_rate(0.07)
     for r in (1, 2, 3):
         ledger = PrivacyLedger.from_json(ledger.to_json())  # as kept in context.state between rounds
-        ledger.record(Release("dp-sgd", r, 1.1, 0.4, 25, details={"sample-rate": 0.07}))
+        ledger.record(Release("dp-sgd", r, 1.1, node_q, 25, details={"sample-rate": 0.07}, degree_bound=6, ego_sample_rate=0.07))
         eps.append(ledger.epsilon)
     assert eps[0] < eps[1] < eps[2]
-    one = RDPAccountant()
-    one.history = [(1.1, 0.4, 75)]
-    assert eps[2] == pytest.approx(one.get_epsilon(delta=1e-5), rel=1e-6)
+    assert eps[2] == pytest.approx(epsilon_of([(Mechanism(1.1, 0.07, 6), 75)], 1e-5), rel=1e-9)
+    one = RDPAccountant()  # the cross-check: 75 steps of the group-reduced sampled Gaussian
+    one.history = [(1.1, node_q, 75)]
     report = json.loads(ledger.write(tmp_path).read_text())
+    assert report["epsilon-rdp"] == pytest.approx(one.get_epsilon(delta=1e-5), rel=1e-6)
+    assert report["epsilon"] == pytest.approx(eps[2]) and eps[2] < report["epsilon-rdp"]
     assert [r["epsilon"] for r in report["epsilon-per-round"]] == pytest.approx(eps)
     assert report["steps"] == 75 and report["degree-bound"] == 6 and report["samples-per-cell"] == 7
-    assert report["privacy-unit"].startswith("one cell") and "Opacus" in report["accountant"]
+    assert report["sampling-rate"] == 0.07 and report["releases"][0]["degree_bound"] == 6
+    assert report["privacy-unit"].startswith("one cell") and "dp-accounting" in report["accountant"]
+    assert "Opacus" in report["cross-check-accountant"]
 
 
 def test_budget_refusal_names_site_round_and_budget():

@@ -14,7 +14,13 @@ from opacus.accountants import RDPAccountant
 from fedspatial.server import messaging
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
-from fedspatial.shared.privacy.dp import NodeBound, calibrate_noise, epsilon_of, plan_round
+from fedspatial.shared.privacy.dp import (
+    Mechanism,
+    NodeBound,
+    calibrate_noise,
+    epsilon_of,
+    plan_round,
+)
 from fedspatial.simulation import simulate
 
 pytestmark = [pytest.mark.flower, pytest.mark.filterwarnings("ignore:Full backward hook")]
@@ -117,9 +123,13 @@ def test_local_dp_ledgers_compose_over_rounds_and_messages_carry_no_cells(federa
         # One accountant over all of the site's releases: feature statistics, then 3 rounds.
         (stats,) = [r for r in ledger["releases"] if r["kind"] == "feature-stats"]
         plan = plan_round(n, batch_size=64, epochs=1, max_grad_norm=1.0, bound=NodeBound(6), node_noise_multiplier=1.0)
+        sigma = ledger["node-noise-multiplier"]
+        history = [(Mechanism(stats["noise_multiplier"]), 1), (Mechanism(sigma, plan.sample_rate, 6), 3 * plan.steps)]
+        assert per_round[2] == pytest.approx(epsilon_of(history, 1e-5), rel=1e-6)
+        # The RDP cross-check (group reduction) over the same releases, independently.
         one = RDPAccountant()
-        one.history = [(stats["noise_multiplier"], 1.0, 1), (ledger["node-noise-multiplier"], plan.node_sample_rate, 3 * plan.steps)]
-        assert per_round[2] == pytest.approx(one.get_epsilon(delta=1e-5), rel=0.02)
+        one.history = [(stats["noise_multiplier"], 1.0, 1), (sigma, plan.node_sample_rate, 3 * plan.steps)]
+        assert ledger["epsilon-rdp"] == pytest.approx(one.get_epsilon(delta=1e-5), rel=0.02) and ledger["epsilon-rdp"] > per_round[2]
         assert ledger["steps"] == 3 * plan.steps and ledger["degree-bound"] == 6
         assert ledger["status"] == "within budget" and "cell" in ledger["guarantee"]
         assert report["privacy"]["site-epsilon"][site]["epsilon"] == pytest.approx(per_round[2])
@@ -134,8 +144,8 @@ def test_budget_exhausted_mid_run_stops_cleanly(federation, tmp_path):
     # hospital_b holds itself to a budget between its epsilon after rounds 1 and 2.
     n = cells["hospital_b"]
     plan = plan_round(n, batch_size=64, epochs=1, max_grad_norm=1.0, bound=NodeBound(6), node_noise_multiplier=1.0)
-    sigma = calibrate_noise(target_epsilon=6.0, delta=1e-5, sample_rate=plan.node_sample_rate, steps=3 * plan.steps)
-    e1, e2 = (epsilon_of([(sigma, plan.node_sample_rate, r * plan.steps)], 1e-5) for r in (1, 2))
+    sigma = calibrate_noise(target_epsilon=6.0, delta=1e-5, sample_rate=plan.sample_rate, degree_bound=6, steps=3 * plan.steps)
+    e1, e2 = (epsilon_of([(Mechanism(sigma, plan.sample_rate, 6), r * plan.steps)], 1e-5) for r in (1, 2))
     raw = json.loads(federation.read_text())
     for site in raw["sites"]:
         if site["name"] == "hospital_b":

@@ -117,14 +117,15 @@ def dp_train(site: Site, model: torch.nn.Module, setup: SiteSetup, *, server_rou
     plan = plan_round(data.n_cells, **plan_args, node_noise_multiplier=ledger.node_noise_multiplier or p.noise_multiplier)
     if plan.node_noise_multiplier <= 0:  # calibrate once, for the whole run
         sigma = calibrate_noise(
-            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=plan.node_sample_rate,
-            steps=plan.steps * t.num_rounds, prior=ledger.history,
+            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=plan.sample_rate,
+            degree_bound=bound.degree_bound, steps=plan.steps * t.num_rounds, prior=ledger.history,
         )
         plan = plan_round(data.n_cells, **plan_args, node_noise_multiplier=sigma)
         logger.info("%s: node-level noise multiplier %.3f for epsilon %g over %d rounds", site.name, sigma, p.target_epsilon, t.num_rounds)
     ledger.node_noise_multiplier = plan.node_noise_multiplier
     try:
-        ledger.check("dp-sgd", server_round, plan.node_noise_multiplier, plan.node_sample_rate, plan.steps)
+        ledger.check("dp-sgd", server_round, plan.node_noise_multiplier, plan.node_sample_rate, plan.steps,
+                     degree_bound=bound.degree_bound, ego_sample_rate=plan.sample_rate)
     finally:
         site.save_ledger(ledger)
     result = dp_train_epochs(model, data, plan, lr=t.lr, weight_decay=t.weight_decay, grad_sample_mode=p.grad_sample_mode)
@@ -132,6 +133,7 @@ def dp_train(site: Site, model: torch.nn.Module, setup: SiteSetup, *, server_rou
         Release(
             "dp-sgd", server_round, plan.node_noise_multiplier, plan.node_sample_rate, plan.steps,
             details={"sample-rate": plan.sample_rate, "noise-multiplier": plan.noise_multiplier, "max-grad-norm": p.max_grad_norm},
+            degree_bound=bound.degree_bound, ego_sample_rate=plan.sample_rate,
         )
     )
     site.save_ledger(ledger)

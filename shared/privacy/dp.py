@@ -1,4 +1,4 @@
-"""Node-level differential privacy for a site's training (Opacus), and its ledger.
+"""Node-level differential privacy for a site's training (Opacus DP-SGD) and its noisy aggregates.
 
 No Flower imports: the ClientApp keeps a :class:`PrivacyLedger` in the node's state and
 calls :func:`dp_train_epochs` for each round.
@@ -9,270 +9,56 @@ degree-bounded neighbourhood graph). Training samples are ego neighbourhoods
 at most ``D`` neighbour lists (:func:`fedspatial.shared.graph.neighbors.bound_in_degree`), a
 neighbour in at most ``D`` others. Removing a cell removes its own sample (its clipped
 gradient moves the sum by at most ``C``) and changes at most ``D`` samples (``2C``
-each), so the node-level L2 sensitivity of a step's gradient sum is
-``S * C`` with ``S = 1 + 2D`` (Daigavane et al. 2021; Sajadmanesh et al. 2023, GAP).
+each), so the node-level L2 sensitivity of a step's gradient sum is ``S * C`` with
+``S = 1 + 2D`` (Daigavane et al. 2021; Sajadmanesh et al. 2023, GAP).
 
 Each step Poisson-samples ego neighbourhoods at rate ``q``; the optimizer clips each to
-``C`` and adds Gaussian noise of std ``sigma_node * S * C``. A cell influences the step
-only when one of its ``D + 1`` samples is drawn, which happens with probability
-``q_node = 1 - (1 - q)^(D + 1)``. We account each step as the sampled Gaussian mechanism
-with rate ``q_node`` and noise multiplier ``sigma_node`` and let Opacus's RDP
-accountant compose every step of every round. (The changed neighbour samples keep their
-own sampling coins in both datasets; counting their change as part of one add/remove event
-of size ``S * C`` is the conservative reading, checked numerically against the shared-coin
-substitution pair, not proven here.) This group reduction is looser than the
-node-level amplification bound derived by Daigavane et al. (which needs a custom
-accountant) but uses Opacus's accountant unchanged.
+``C`` and adds Gaussian noise of std ``sigma_node * S * C``. The accounting of such a step
+(which samples a removal can change, each drawn with probability ``q``) is in
+:mod:`fedspatial.shared.privacy.accounting`; the ledger in :mod:`fedspatial.shared.privacy.ledger`.
+Both are re-exported here for callers of the old paths.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
 import math
 import os
-import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.grad_sample import get_gsm_class
 from opacus.optimizers import get_optimizer_class
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
-from fedspatial.shared.storage.atomic import write_json_atomic
+from fedspatial.shared.privacy.accounting import (
+    ACCOUNTANT,
+    Mechanism,
+    NodeBound,
+    PrivacyBudgetExceeded,
+    calibrate_noise,
+    epsilon_of,
+    rdp_epsilon_of,
+)
+from fedspatial.shared.privacy.ledger import (
+    LEDGER_FILE,
+    PRIVACY_BUDGET_ERROR,
+    PRIVACY_UNIT,
+    PrivacyLedger,
+    Release,
+    guarantee,
+)
 from fedspatial.shared.training.loop import GraphData, TrainResult
 
-logger = logging.getLogger(__name__)
-
-ACCOUNTANT = "Opacus RDPAccountant (sampled Gaussian mechanism, RDP composition)"
-PRIVACY_UNIT = "one cell: its feature vector and its edges in the site's degree-bounded neighbourhood graph"
-LEDGER_FILE = "privacy_ledger.json"
-PRIVACY_BUDGET_ERROR = 4001
-"""Error code of a train reply a site refused because its privacy budget is spent."""
-
-
-class PrivacyBudgetExceeded(RuntimeError):
-    """The next release would spend more than the site's privacy budget."""
-
-
-def guarantee(epsilon: float, delta: float, degree_bound: int) -> str:
-    """The one-sentence guarantee a ledger states."""
-    return (
-        f"({epsilon:.3g}, {delta:g})-DP for what this site released under this ledger (model updates; "
-        "harmonization aggregates when noised), with respect to "
-        f"adding or removing one cell (its features and its edges in the neighbourhood graph whose "
-        f"in-degree is capped at {degree_bound}); the graph is built from cell coordinates without "
-        "noise, and cell counts, clustering statistics and scores released after training are not covered."
-    )
-
-
-# ----------------------------------------------------------------------------- bound
-@dataclass(frozen=True)
-class NodeBound:
-    """How far one cell reaches into a step's gradient sum.
-
-    Attributes
-    ----------
-    degree_bound
-        ``D``: most neighbour lists a cell appears in.
-    """
-
-    degree_bound: int
-
-    def __post_init__(self) -> None:
-        if self.degree_bound < 0:
-            raise ValueError("degree_bound must be >= 0")
-
-    @property
-    def samples_per_cell(self) -> int:
-        """``D + 1`` training samples can contain one cell."""
-        return self.degree_bound + 1
-
-    @property
-    def sensitivity(self) -> int:
-        """Node-level sensitivity in units of the clipping norm: ``1 + 2D``."""
-        return 1 + 2 * self.degree_bound
-
-    def sample_rate(self, q: float) -> float:
-        """Probability that a step draws at least one of a cell's samples."""
-        return 1.0 - (1.0 - q) ** self.samples_per_cell
-
-
-# --------------------------------------------------------------------------- accountant
-@dataclass
-class Release:
-    """One entry of the ledger: a private release accounted as ``steps`` sampled
-    Gaussian mechanisms of node-level ``noise_multiplier`` at node-level ``sample_rate``."""
-
-    kind: str
-    round: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    epsilon_after: float = 0.0
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of a composition, as Opacus's ``RDPAccountant`` computes it (same orders,
-    same RDP of the sampled Gaussian, same conversion), with the per-step RDP of each
-    distinct mechanism cached: a ledger asks this many times per round."""
-    if not history:
-        return 0.0
-    steps: dict[tuple[float, float], int] = {}
-    for sigma, q, n in history:
-        key = (float(sigma), float(q))
-        steps[key] = steps.get(key, 0) + int(n)
-    rdp = sum(n * _rdp_per_step(q, sigma) for (sigma, q), n in steps.items())
-    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-    return float(eps)
-
-
-@functools.lru_cache(maxsize=1024)
-def _rdp_per_step(q: float, sigma: float) -> np.ndarray:
-    return np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
-
-
-def calibrate_noise(
-    *,
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    prior: Sequence[tuple[float, float, int]] = (),
-    tolerance: float = 0.01,
-) -> float:
-    """Smallest node-level noise multiplier (within ``tolerance``) such that ``prior``
-    followed by ``steps`` steps at ``sample_rate`` spends at most ``target_epsilon``
-    (bisection over Opacus's accountant, as ``opacus.accountants.utils.get_noise_multiplier``,
-    with earlier releases included)."""
-    if epsilon_of(prior, delta) >= target_epsilon:
-        raise PrivacyBudgetExceeded(
-            f"earlier releases already spent epsilon {epsilon_of(prior, delta):.3f} >= target {target_epsilon}"
-        )
-    low, high = 0.0, 10.0
-    while epsilon_of([*prior, (high, sample_rate, steps)], delta) > target_epsilon:
-        low, high = high, 2 * high
-        if high > 1e6:
-            raise ValueError("no noise multiplier reaches the target epsilon: raise privacy.target-epsilon")
-    while high - low > tolerance:
-        mid = (low + high) / 2
-        if epsilon_of([*prior, (mid, sample_rate, steps)], delta) > target_epsilon:
-            low = mid
-        else:
-            high = mid
-    return high
-
-
-@dataclass
-class PrivacyLedger:
-    """A site's privacy spending over the whole run: the accountant's state.
-
-    The Opacus accountant is rebuilt from :attr:`releases` whenever it is needed, so
-    the ledger (kept in Flower's ``context.state`` and on disk) *is* the accountant's
-    history: nothing spent is ever forgotten between rounds.
-    """
-
-    site: str
-    delta: float
-    budget_epsilon: float
-    target_epsilon: float = 0.0
-    max_grad_norm: float = 1.0
-    degree_bound: int = 0
-    node_noise_multiplier: float = 0.0
-    """Calibrated once (first training round) and kept for the whole run."""
-    releases: list[Release] = field(default_factory=list)
-    refusals: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.releases]
-
-    def accountant(self) -> RDPAccountant:
-        acc = RDPAccountant()
-        acc.history = self.history
-        return acc
-
-    @property
-    def epsilon(self) -> float:
-        return epsilon_of(self.history, self.delta)
-
-    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        return epsilon_of([*self.history, (noise_multiplier, sample_rate, steps)], self.delta)
-
-    def check(self, kind: str, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Epsilon after the planned release; raises :class:`PrivacyBudgetExceeded`
-        (and records the refusal) when it would exceed the budget."""
-        after = self.epsilon_after(noise_multiplier, sample_rate, steps)
-        if after > self.budget_epsilon * (1 + 1e-9):
-            reason = (
-                f"privacy budget exhausted at site {self.site}: {kind} of round {server_round} would raise "
-                f"epsilon from {self.epsilon:.3f} to {after:.3f}, above the site's budget "
-                f"{self.budget_epsilon:g} (delta {self.delta:g}); the site refuses"
-            )
-            if not any(r["round"] == server_round and r["kind"] == kind for r in self.refusals):
-                self.refusals.append({"round": server_round, "kind": kind, "reason": reason, "time": time.time()})
-            raise PrivacyBudgetExceeded(reason)
-        return after
-
-    def record(self, release: Release) -> None:
-        self.releases.append(release)
-        release.epsilon_after = self.epsilon
-
-    # -- persistence ------------------------------------------------------------------
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> PrivacyLedger:
-        raw = json.loads(text)
-        raw["releases"] = [Release(**r) for r in raw.get("releases", [])]
-        return cls(**raw)
-
-    def report(self) -> dict[str, Any]:
-        """The ledger file's content: settings, guarantee, and epsilon after each release."""
-        bound = NodeBound(self.degree_bound)
-        train = [r for r in self.releases if r.kind == "dp-sgd"]
-        last = train[-1].details if train else {}
-        return {
-            "site": self.site,
-            "privacy-unit": PRIVACY_UNIT,
-            "guarantee": guarantee(self.epsilon, self.delta, self.degree_bound),
-            "accountant": ACCOUNTANT,
-            "epsilon": self.epsilon,
-            "delta": self.delta,
-            "budget-epsilon": self.budget_epsilon,
-            "target-epsilon": self.target_epsilon,
-            "status": "exhausted" if self.refusals else "within budget",
-            "max-grad-norm": self.max_grad_norm,
-            "degree-bound": self.degree_bound,
-            "samples-per-cell": bound.samples_per_cell,
-            "node-sensitivity": f"{bound.sensitivity} x max-grad-norm (1 + 2 x degree-bound)",
-            "node-noise-multiplier": self.node_noise_multiplier,
-            "noise-multiplier": self.node_noise_multiplier * bound.sensitivity,
-            "sampling-rate": last.get("sample-rate"),
-            "node-sampling-rate": train[-1].sample_rate if train else None,
-            "steps": sum(r.steps for r in train),
-            "epsilon-per-round": [
-                {"round": r.round, "epsilon": r.epsilon_after, "steps": r.steps} for r in train
-            ],
-            "releases": [asdict(r) for r in self.releases],
-            "refusals": self.refusals,
-        }
-
-    def write(self, folder: str | Path) -> Path:
-        return write_json_atomic(Path(folder) / LEDGER_FILE, self.report())
-
+__all__ = [  # the old import paths keep working
+    "ACCOUNTANT", "LEDGER_FILE", "PRIVACY_BUDGET_ERROR", "PRIVACY_UNIT", "DPPlan", "Mechanism", "NodeBound",
+    "PrivacyBudgetExceeded", "PrivacyLedger", "Release", "calibrate_noise", "dp_train_epochs", "epsilon_of",
+    "feature_stats_bounds", "guarantee", "noisy_feature_stats", "plan_round", "rdp_epsilon_of", "validate_model",
+]
 
 # ----------------------------------------------------------------------------- DP-SGD
 def validate_model(model: nn.Module) -> None:
@@ -436,7 +222,7 @@ def noisy_feature_stats(
 
     Each of the six blocks (cell count and five per-feature sums) gets noise of std
     ``noise_multiplier x`` its per-cell L2 bound (:func:`feature_stats_bounds`); six
-    such releases compose (RDP) like one Gaussian mechanism with noise multiplier
+    such releases compose exactly (PLD and RDP alike) as one Gaussian mechanism with noise multiplier
     ``noise_multiplier / sqrt(6)``, which is returned for the ledger. The noisy values
     are then made consistent (non-negative, ``sumsq >= sum^2 / n``): post-processing.
     """
