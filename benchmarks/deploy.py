@@ -64,6 +64,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held open together while chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM to the process and everything it started, by pid; SIGKILL after 20 s."""
     try:
@@ -86,8 +95,9 @@ def run_deployed(work: Path, manifest: Path, name: str) -> dict[str, Any]:
                    check=True, capture_output=True)
     for site in SITES:
         generate_keypair(keys / f"{site}.key", comment=site)
-    port = _free_port()
-    write_flwr_connection(flwr_home, "bench", f"127.0.0.1:{port}", certs / "ca.crt")
+    # Fleet API (hospitals), Control API (the `flwr` connection), ServerAppIo API
+    port, control_port, serverappio_port = _free_ports(3)
+    write_flwr_connection(flwr_home, "bench", f"127.0.0.1:{control_port}", certs / "ca.crt")
     env = flower_env({**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
     (work / "logs").mkdir(parents=True)
     procs: list[subprocess.Popen] = []
@@ -105,7 +115,8 @@ def run_deployed(work: Path, manifest: Path, name: str) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         spawn([str(BIN / "fedspatial"), "server", "--certs", str(certs), "--database", str(work / "state" / "superlink.db"),
-               "--host", "127.0.0.1", "--port", str(port), "--workdir", str(work / "center")], "server.log")
+               "--host", "127.0.0.1", "--port", str(port), "--control-port", str(control_port),
+               "--serverappio-port", str(serverappio_port), "--workdir", str(work / "center")], "server.log")
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -116,7 +127,7 @@ def run_deployed(work: Path, manifest: Path, name: str) -> dict[str, Any]:
                     raise
                 time.sleep(1)
         for site in SITES:
-            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(keys / f"{site}.pub"), "bench"],
+            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(keys / f"{site}.pub"), "bench", "--name", site],
                            check=True, capture_output=True, env=env, timeout=60)
             spawn([str(BIN / "fedspatial"), "client", "--superlink", f"127.0.0.1:{port}", "--data-path", str(data / site),
                    "--ca-cert", str(certs / "ca.crt"), "--auth-key", str(keys / f"{site}.key"),

@@ -3,7 +3,8 @@
 Every message type (one per :class:`~fedspatial.shared.protocol.names.Query`) goes to
 the site half of the phase that owns it (:func:`fedspatial.shared.phases.phase_for`),
 on this site's private data (:mod:`fedspatial.client.site`); replies hold model arrays,
-aggregates or metrics only: no per-cell data ever leaves the site.
+aggregates or metrics only: no per-cell data ever leaves the site, and no path of the
+site's folders (:func:`~fedspatial.shared.protocol.site_paths.strip_site_paths`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fedspatial.shared.models import build_model
 from fedspatial.shared.phases import all_queries, phase_for
 from fedspatial.shared.privacy.dp import PRIVACY_BUDGET_ERROR, PrivacyBudgetExceeded
 from fedspatial.shared.protocol.names import Query, message_type
+from fedspatial.shared.protocol.site_paths import strip_site_paths
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ def _handler(query: str) -> Callable[[Message, Context], Message]:
             # A refusal, not a crash: the server logs the reason and stops or goes on without us.
             logger.warning("%s", err)
             return Message(Error(code=PRIVACY_BUDGET_ERROR, reason=str(err)), reply_to=msg)
-        return Message(content=to_recorddict(reply), reply_to=msg)
+        # Whatever a phase reports, the hospital's own paths stay here (relative ones go).
+        return Message(content=to_recorddict(strip_site_paths(reply, site.private_roots)), reply_to=msg)
 
     handle.__name__ = handle.__qualname__ = f"answer_{query}"
     handle.__doc__ = f"``{message_type(query)}``: answered by the {phase.name} phase."

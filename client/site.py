@@ -126,6 +126,13 @@ class SiteRuntime:
     def output_dir(self) -> Path:
         return self.node.output_dir
 
+    @property
+    def private_roots(self) -> list[Path]:
+        """The site's folders, whose paths never leave it: output first, then each data
+        folder (a data file's own folder)."""
+        data = [Path(s.data_path).expanduser() for s in self.node.sources]
+        return [self.output_dir, *(p if p.is_dir() else p.parent for p in data)]
+
     @cached_property
     def sections(self) -> list[SiteSection]:
         return load_site_sections(self.node.sources, spatial_key=self.cfg.data.spatial_key)

@@ -118,6 +118,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
             port=args.port,
             log_file=args.log_file,
             workdir=args.workdir,
+            control_host=args.control_host,
+            control_port=args.control_port,
+            expose_control_api=args.expose_control_api,
+            serverappio_port=args.serverappio_port,
         )
     )
 
@@ -177,14 +181,21 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
-    from fedspatial.deployment.network import DEFAULT_CLIENT_RUNTIME_PORT, DEFAULT_PORT
+    from fedspatial.deployment.network import (
+        DEFAULT_CLIENT_RUNTIME_PORT,
+        DEFAULT_CONTROL_PORT,
+        DEFAULT_PORT,
+        DEFAULT_SERVERAPPIO_PORT,
+    )
 
     srv = sub.add_parser(
         "server",
         help="coordinating center: run the SuperLink (TLS, SuperNode authentication, database)",
-        description="Check certificates, database folder and port, then run flower-superlink with "
-        "TLS, SuperNode authentication and a database (so that it can restart). Hospitals and "
-        f"`flwr run` all connect to the one port (default {DEFAULT_PORT}).",
+        description="Check certificates, database folder and ports, then run Flower's SuperLink with "
+        "TLS, SuperNode authentication and a database (so that it can restart). Only the Fleet API "
+        f"(hospitals) listens on --host:--port (default {DEFAULT_PORT}); the Control API (`flwr`, "
+        f"`fedspatial submit`) on 127.0.0.1:{DEFAULT_CONTROL_PORT} (operators reach it through an SSH "
+        f"tunnel) and the ServerAppIo API on 127.0.0.1:{DEFAULT_SERVERAPPIO_PORT}.",
     )
     srv.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key (deploy/gen-certs.sh)")
     srv.add_argument("--ssl-certfile", type=Path, help="server certificate (instead of --certs)")
@@ -192,8 +203,18 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (instead of --certs)")
     srv.add_argument("--database", type=Path, default=Path("fedspatial-state/superlink.db"),
                      help="SQLite state (registered hospitals, runs); keep it across restarts")
-    srv.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-    srv.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
+    srv.add_argument("--host", default="0.0.0.0", help="address of the Fleet API, for the hospitals (default: all interfaces)")
+    srv.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"Fleet API port (default: {DEFAULT_PORT})")
+    srv.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT,
+                     help=f"Control API port (flwr, fedspatial submit; default: {DEFAULT_CONTROL_PORT})")
+    srv.add_argument("--control-host", default="127.0.0.1",
+                     help="Control API address (default 127.0.0.1: reach it through an SSH tunnel); "
+                     "another address needs --expose-control-api")
+    srv.add_argument("--expose-control-api", action="store_true",
+                     help="allow a non-loopback --control-host. DANGER: Flower has no user accounts; whoever "
+                     "reaches the Control API runs code at every hospital")
+    srv.add_argument("--serverappio-port", type=int, default=DEFAULT_SERVERAPPIO_PORT,
+                     help=f"the ServerAppIo API's port, always on 127.0.0.1 (default: {DEFAULT_SERVERAPPIO_PORT})")
     srv.add_argument("--log-file", type=Path, help="also write the SuperLink log here (rotated daily)")
     srv.add_argument("--workdir", type=Path,
                      help="working directory of the SuperLink and its ServerApps: a relative run "
@@ -240,7 +261,8 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
                          "(metrics.json, config.json) that the coordinating center sends back.")
     sbm.add_argument("config", help="experiment config (YAML)")
     sbm.add_argument("--connection", help="connection name in ~/.flwr/config.toml (default: its default)")
-    sbm.add_argument("--superlink", metavar="HOST:PORT", help="connect here instead of a named connection")
+    sbm.add_argument("--superlink", metavar="HOST:PORT",
+                     help="the center's Control API (e.g. 127.0.0.1:9093 through an SSH tunnel) instead of a named connection")
     sbm.add_argument("--ca-cert", type=Path, help="the federation's ca.crt (with --superlink)")
     sbm.add_argument("--app", type=Path, help="the fedspatial Flower App folder (default: this checkout)")
     sbm.add_argument("--out", type=Path,

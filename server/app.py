@@ -23,12 +23,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedspatial.logstream import log_to_stderr
 from fedspatial.server.federation import run_federation
 from fedspatial.shared.config import ExperimentConfig
-from fedspatial.shared.protocol.result_line import ResultLineError, result_line
+from fedspatial.shared.protocol.result_line import RESULT_FILES, ResultLineError, result_line
 
 logger = logging.getLogger(__name__)
-
-RESULT_FILES = ("metrics.json", "config.json")
-"""The run folder's files sent back to the submitter (the model stays at the center)."""
 
 
 def log_to_run_stream() -> None:

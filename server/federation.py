@@ -54,10 +54,10 @@ class FlowerFederation:
     def _node_of(self) -> dict[str, int]:
         return {self.group.name(n): n for n in self.group.nodes}
 
-    def rename(self, names: Mapping[str, str]) -> None:
+    def rename(self, names: Mapping[str, str]) -> list[str]:
         nodes = self._node_of()
-        for key, name in names.items():
-            self.group.names[nodes[key]] = name
+        admitted = self.group.bind_names({nodes[key]: name for key, name in names.items()})
+        return [key for key in names if nodes[key] in admitted]
 
     def ask(
         self,
@@ -113,6 +113,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         grid, nodes, min_nodes=cfg.training.min_nodes or (1 if leave_ok else len(nodes)),
         hint=f"Finished rounds are checkpointed in {store.checkpoint_dir}: resubmit the run "
         "with run config resume=true to continue from the last one.",
+        message_timeout=cfg.training.message_timeout,
     )
     run = Run(cfg, run_config, store.folder, started=t0)
     if saved is not None:

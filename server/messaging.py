@@ -1,7 +1,8 @@
 """Ask sites for something and get their replies, or a clear error.
 
-A run keeps going when a site drops out (its SuperNode crashed, lost its connection or
-its ClientApp failed) as long as ``min-nodes`` sites remain: :class:`SiteGroup` is the
+A run keeps going when a site drops out (its SuperNode crashed, lost its connection,
+its ClientApp failed, or it did not answer within ``message-timeout`` seconds) as long as
+``min-nodes`` sites remain: :class:`SiteGroup` is the
 run's view of the federation, and it stops the run with a message naming the lost
 sites once too few remain.
 """
@@ -17,6 +18,9 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MESSAGE_TIMEOUT = 600.0
+"""Seconds a site has to answer one message (run config ``message-timeout``)."""
 
 
 class SiteError(RuntimeError):
@@ -49,7 +53,10 @@ class SiteGroup(Grid):
       error for a SuperNode whose heartbeat stopped (crash, lost network), so a lost
       site costs at most that detection delay;
     - while fewer than ``min_nodes`` participants are online it raises :class:`SiteError`
-      after ``patience`` seconds, where Flower's node sampling would wait forever.
+      after ``patience`` seconds, where Flower's node sampling would wait forever;
+    - a site that has not answered a message within ``message_timeout`` seconds is
+      dropped as if it had failed (a hung site would otherwise hold the run for as long as
+      the caller's timeout: an hour for Flower's strategies).
 
     Parameters
     ----------
@@ -65,6 +72,8 @@ class SiteGroup(Grid):
         Longest pause between checks for replies (Flower's own loop sleeps 3 s).
     hint : str (default: "")
         Appended to the error when too few sites remain (what was saved, how to go on).
+    message_timeout : float (default: 600.0)
+        Longest wait for a reply, whatever timeout a caller asks for.
     """
 
     def __init__(
@@ -76,6 +85,7 @@ class SiteGroup(Grid):
         patience: float = 120.0,
         poll_interval: float = 1.0,
         hint: str = "",
+        message_timeout: float = DEFAULT_MESSAGE_TIMEOUT,
     ) -> None:
         self._grid = grid
         self.nodes: list[int] = sorted(nodes)
@@ -83,6 +93,7 @@ class SiteGroup(Grid):
         self.patience = patience
         self.poll_interval = poll_interval
         self.hint = hint
+        self.message_timeout = message_timeout
         self.names: dict[int, str] = {}
         self.dropped: dict[str, str] = {}
         self._short_since: float | None = None
@@ -114,6 +125,50 @@ class SiteGroup(Grid):
     def name(self, node: int) -> str:
         return self.names.get(node, f"node {node}")
 
+    def registered_names(self) -> dict[int, str]:
+        """The names the center gave the nodes' keys (`flwr supernode register ... --name`);
+        empty where Flower knows none (simulation, keys registered without a name)."""
+        try:
+            infos = list(self._grid.get_nodes())
+        except (AttributeError, NotImplementedError):
+            return {}
+        return {int(i.node_id): str(i.name) for i in infos if getattr(i, "name", "")}
+
+    def bind_names(self, claims: Mapping[int, str]) -> list[int]:
+        """Name each node after the site it says it serves, if it may; returns the nodes admitted.
+
+        The site name is self-declared (node config ``site-name``), so it is checked
+        against the name the node's key was registered with, where there is one; a name
+        claimed by several nodes goes to the one registered under it, or to none. Nodes
+        refused are dropped (min-nodes rules apply).
+        """
+        registered = self.registered_names()
+        fix = "the center registers each hospital's key with its site name: `flwr supernode register KEY.pub CONNECTION --name SITE`"
+        by_name: dict[str, list[int]] = {}
+        for node, name in sorted(claims.items()):
+            bound = registered.get(node)
+            if bound is not None and bound != name:
+                self.drop(node, f"says it is site {name!r} but its key is registered as {bound!r}; {fix}", "describe")
+            else:
+                by_name.setdefault(name, []).append(node)
+        admitted = []
+        for name, nodes in by_name.items():
+            if len(nodes) > 1:
+                owners = [n for n in nodes if registered.get(n) == name]
+                for node in nodes:
+                    if owners != [node]:
+                        self.drop(node, f"{len(nodes)} nodes say they are site {name!r}; {fix}", "describe")
+                nodes = owners if len(owners) == 1 else []
+            for node in nodes:
+                self.names[node] = name
+                admitted.append(node)
+        if registered:
+            logger.info("site names checked against the registered keys: %s",
+                        ", ".join(f"{self.names[n]} {'(bound)' if n in registered else '(key registered without --name)'}"
+                                  for n in sorted(admitted, key=self.names.__getitem__)))
+        self.require("describe")
+        return admitted
+
     def get_node_ids(self) -> list[int]:
         """Participants that are online; raises :class:`SiteError` when fewer than
         ``min_nodes`` have been online for longer than ``patience``."""
@@ -133,13 +188,14 @@ class SiteGroup(Grid):
         return active
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Push ``messages``, collect replies until all arrived or ``timeout``; drop every
-        site that answered with an error or not at all."""
+        """Push ``messages``, collect replies until all arrived or ``timeout`` (at most
+        ``message_timeout``); drop every site that answered with an error or not at all."""
+        timeout = self.message_timeout if timeout is None else min(timeout, self.message_timeout)
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
         pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True) if mid}
         self._node_of_message.update(pending)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
         replies: list[Message] = []
         delay = 0.05  # quick replies (simulation) are seen at once; then back off
         while pending:
@@ -148,12 +204,12 @@ class SiteGroup(Grid):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None and reply.has_error():
                     self.drop(node, reply.error.reason or "error", reply.metadata.message_type)
-            if not pending or (deadline is not None and time.monotonic() > deadline):
+            if not pending or time.monotonic() > deadline:
                 break
             time.sleep(delay)
             delay = min(delay * 1.5, self.poll_interval)
         for node in pending.values():
-            self.drop(node, f"no reply within {timeout:.0f} s", messages[0].metadata.message_type)
+            self.drop(node, f"no reply within {timeout:g} s (message-timeout)", messages[0].metadata.message_type)
         for mid, m in zip(ids, messages, strict=True):
             if not mid:  # Flower could not push it (it logs why)
                 self.drop(m.metadata.dst_node_id, "the message could not be sent", m.metadata.message_type)
@@ -196,10 +252,13 @@ def ask(
     *,
     content: RecordDict | Mapping[int, RecordDict] | None = None,
     names: Mapping[int, str] | None = None,
-    timeout: float = 3600.0,
+    timeout: float | None = None,
     allow_failures: bool = False,
 ) -> dict[int, RecordDict]:
     """Send ``query.<action>`` to each node; return ``{node_id: reply content}``.
+
+    ``timeout``: seconds to wait for the replies (default: a :class:`SiteGroup`'s
+    ``message_timeout``, else :data:`DEFAULT_MESSAGE_TIMEOUT`).
 
     ``content`` may be one RecordDict for everybody or one per node. A site that fails
     raises :class:`SiteError` naming the site and its reason, unless ``allow_failures``.
@@ -212,6 +271,8 @@ def ask(
         # one RecordDict per message; the records inside may be shared
         body = RecordDict(dict((body or RecordDict()).items()))
         messages.append(Message(content=body, dst_node_id=node, message_type=f"query.{action}"))
+    if timeout is None:
+        timeout = grid.message_timeout if isinstance(grid, SiteGroup) else DEFAULT_MESSAGE_TIMEOUT
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     if isinstance(grid, SiteGroup):
         grid.require(f"query.{action}")

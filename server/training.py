@@ -101,6 +101,7 @@ def train_rounds(
                 train_config=ConfigRecord(config),
                 evaluate_config=ConfigRecord(config),
                 evaluate_fn=save_round,
+                timeout=sites.message_timeout,  # Flower's default: an hour per round
             )
             arrays = result.arrays if len(result.arrays) else arrays
         except PrivacyBudgetStop as stop:

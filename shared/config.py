@@ -19,6 +19,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from fedspatial.shared.protocol.result_line import RUN_NAME_RULE, is_valid_run_name
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible."""
@@ -88,6 +90,10 @@ class TrainingConfig:
     min_nodes: int = 0
     """Sites that must be connected and answer each round; 0: all sites of the simulated
     federation (at least 1 in a deployment)."""
+    message_timeout: float = 600.0
+    """Seconds a site has to answer one message (a training round, a clustering step);
+    a site that has not answered by then is dropped as if it had failed (min-nodes rules).
+    Measured rounds take seconds (benchmarks/results/); raise it for very large sites."""
 
 
 @dataclass
@@ -155,6 +161,18 @@ class PrivacyConfig:
 
 
 @dataclass
+class MarkersConfig:
+    marker_genes: bool = True
+    """After finalize, rank the genes of every domain against the rest from per-domain
+    sums the sites send (equal to pooled ``scanpy.tl.rank_genes_groups``); refused under
+    privacy.local-dp (the sums are not covered by the privacy ledger)."""
+    marker_method: Literal["t-test", "t-test_overestim_var"] = "t-test"
+    """scanpy's t-test flavour (a rank test such as Wilcoxon cannot be computed from sums)."""
+    marker_plot_genes: int = 5
+    """Top genes per domain in the dot plot (markers.csv lists every gene)."""
+
+
+@dataclass
 class SimulationConfig:
     modes: list[str] = field(default_factory=lambda: list(MODES))
     num_cpus: int = 2
@@ -178,6 +196,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    markers: MarkersConfig = field(default_factory=MarkersConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
@@ -266,7 +285,7 @@ def _positive(cfg: ExperimentConfig, key: str) -> tuple[bool, str]:
 def validate(cfg: ExperimentConfig) -> None:
     """Reject impossible values, naming the key and what is allowed."""
     checks: list[tuple[bool, str]] = [
-        (cfg.run_name != "" and "/" not in cfg.run_name, "run-name: must be a non-empty name without '/'"),
+        (is_valid_run_name(cfg.run_name), f"run-name: must be a folder name: {RUN_NAME_RULE}"),
         _positive(cfg, "data.synthetic-scale"),
         _at_least(cfg, "features.n-top-features", 2),
         _positive(cfg, "features.target-sum"),
@@ -282,6 +301,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _at_least(cfg, "training.weight-decay", 0),
         _at_least(cfg, "training.proximal-mu", 0),
         _at_least(cfg, "training.min-nodes", 0, "0 = all sites"),
+        _positive(cfg, "training.message-timeout"),
         _at_least(cfg, "clustering.n-domains", 2),
         _at_least(cfg, "clustering.kmeans-max-iter", 1),
         _at_least(cfg, "clustering.kmeans-tol", 0),
@@ -331,6 +351,7 @@ def validate(cfg: ExperimentConfig) -> None:
             not cfg.privacy.secagg or cfg.model.batch == "none",
             "privacy.secagg: needs model.batch 'none' (per-site decoder weights cannot be summed under masking)",
         ),
+        _at_least(cfg, "markers.marker-plot-genes", 1),
         _at_least(cfg, "simulation.num-cpus", 1),
         _at_least(cfg, "simulation.cpus-per-client", 1),
         (

@@ -16,6 +16,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -44,6 +45,7 @@ from fedspatial.deployment.certificates import (
 )
 from fedspatial.deployment.errors import DeployError
 from fedspatial.deployment.network import check_superlink, parse_address
+from fedspatial.deployment.nodes import ServerOptions, superlink_command
 from fedspatial.deployment.processes import run_child
 from fedspatial.deployment.submit import save_results, write_flwr_connection
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
@@ -84,6 +86,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held open together while chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def _env(flwr_home: Path) -> dict[str, str]:
@@ -151,6 +162,10 @@ class Deployment:
     keys: Path
     flwr_home: Path
     port: int
+    """The Fleet API (hospitals); the Control API (the `flwr` connection) and the
+    ServerAppIo API listen on their own ports."""
+    control_port: int
+    serverappio_port: int
     env: dict[str, str]
     procs: list[subprocess.Popen] = dataclasses.field(default_factory=list)
     server: subprocess.Popen | None = None
@@ -182,7 +197,8 @@ class Deployment:
         self.server = self.spawn(
             [str(BIN / "fedspatial"), "server", "--certs", str(self.certs),
              "--database", str(self.root / "state" / "superlink.db"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workdir", str(self.root / "center")],
+             "--host", "127.0.0.1", "--port", str(self.port), "--control-port", str(self.control_port),
+             "--serverappio-port", str(self.serverappio_port), "--workdir", str(self.root / "center")],
             "server.log",
         )
 
@@ -291,9 +307,9 @@ def material(tmp_path_factory) -> Deployment:
     for sub in ("logs", "state", "center", "out"):
         (root / sub).mkdir()
     certs = root / "certs"
-    subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), "-o", str(certs), "127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    # A second, unrelated CA: what a hospital holding the wrong file would have.
+    subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), "-o", str(certs), "-k", str(root / "ca-private"),
+                    "127.0.0.1"], check=True, capture_output=True, timeout=60)
+    # A second, unrelated CA (its key in the default folder, other-ca-private/): what a hospital holding the wrong file would have.
     subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), "-o", str(root / "other"), "127.0.0.1"],
                    check=True, capture_output=True, timeout=60)
     spec = dataclasses.replace(SyntheticSpec(seed=5), spots_per_section=(120, 180), n_features=80)
@@ -304,9 +320,10 @@ def material(tmp_path_factory) -> Deployment:
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
     flwr_home = root / "flwr"
-    port = _free_port()
-    write_flwr_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", certs / "ca.crt")
-    return Deployment(root, certs, root / "data", keys, flwr_home, port, _env(flwr_home))
+    port, control_port, serverappio_port = _free_ports(3)
+    write_flwr_connection(flwr_home, CONNECTION, f"127.0.0.1:{control_port}", certs / "ca.crt")
+    return Deployment(root, certs, root / "data", keys, flwr_home, port, control_port, serverappio_port,
+                      _env(flwr_home))
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +435,7 @@ def _tls_server(cert: Path, key: Path) -> Iterator[int]:
 
 def test_superlink_certificate_problems_are_named(material: Deployment, tmp_path: Path) -> None:
     """Certificates from the right CA, but for another name or expired."""
-    ca_key = serialization.load_pem_private_key((material.certs / "ca.key").read_bytes(), None)
+    ca_key = serialization.load_pem_private_key((material.root / "ca-private" / "ca.key").read_bytes(), None)
     ca_name = x509.load_pem_x509_certificate((material.certs / "ca.crt").read_bytes()).subject
     ca = material.certs / "ca.crt"
     _cert(tmp_path / "other.crt", tmp_path / "other.key", ca_key, days=(-1, 30), names=["other.example"], issuer=ca_name)
@@ -493,12 +510,70 @@ def test_result_line_round_trip(tmp_path: Path) -> None:
         parse_result_line(line.replace("NaN", "0.5"))
     with pytest.raises(ResultLineError, match="damaged"):
         parse_result_line(line[: len(line) // 2])
-    evil = parse_result_line(result_line("r1", "/x", {"../escape.json": "{}"}))
-    with pytest.raises(DeployError, match="unexpected file"):
-        save_results(evil, tmp_path / "out")
+    with pytest.raises(ResultLineError, match="unexpected file"):  # more: tests/test_results_safety.py
+        parse_result_line(result_line("r1", "/x", {"../escape.json": "{}"}))
     assert not (tmp_path / "escape.json").exists()
     with pytest.raises(ResultLineError, match="too large"):
         result_line("r1", "/x", {"metrics.json": "x" * MAX_RESULT_BYTES})
+
+
+def test_ca_key_stays_out_of_the_servers_folder(material: Deployment, tmp_path: Path) -> None:
+    """Issue 14 item 2: gen-certs.sh keeps the CA key apart, and `fedspatial server`
+    refuses to start while a CA key (or any private key but its own) is in --certs."""
+    assert not (material.certs / "ca.key").exists()
+    ca_key = material.root / "ca-private" / "ca.key"
+    assert oct(ca_key.stat().st_mode & 0o777) == "0o600"
+    # Renewal reuses the CA from its own folder (nothing new for the hospitals) ...
+    certs = tmp_path / "certs"
+    shutil.copytree(material.certs, certs)
+    gen = ["bash", str(ROOT / "deploy" / "gen-certs.sh"), "-o", str(certs)]
+    res = subprocess.run([*gen, "-k", str(ca_key.parent), "--renew", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "reusing the CA" in res.stdout, res.stderr
+    assert (certs / "ca.crt").read_bytes() == (material.certs / "ca.crt").read_bytes()
+    # ... and refuses a CA folder inside the certificate folder.
+    res = subprocess.run([*gen, "-k", str(certs / "ca"), "--renew", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "inside" in res.stderr and not (certs / "ca").exists()
+
+    ports = _free_ports(3)
+    server = [str(BIN / "fedspatial"), "server", "--certs", str(certs), "--database", str(tmp_path / "db" / "s.db"),
+              "--host", "127.0.0.1", "--port", str(ports[0]), "--control-port", str(ports[1]),
+              "--serverappio-port", str(ports[2])]
+    for name in ("ca.key", "backup.pem"):  # by its name, or by its content
+        shutil.copy(ca_key, certs / name)
+        res = material.run(server, timeout=60)
+        (certs / name).unlink()
+        assert res.returncode == 2, res.stderr[-2000:]
+        error = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and f"private key {certs / name} is in the certificate folder" in error[0]
+        assert "move it out" in error[0] and "--ca-dir" in error[0]
+    # Negative control: the same folder without the key passes every check.
+    opts = ServerOptions(certs=certs, ssl_certfile=None, ssl_keyfile=None, ssl_ca_certfile=None,
+                         database=tmp_path / "db" / "s.db", host="127.0.0.1", port=ports[0],
+                         control_port=ports[1], serverappio_port=ports[2])
+    assert "fedspatial.deployment.superlink" in superlink_command(opts)
+
+
+def test_control_and_serverappio_apis_default_to_loopback(material: Deployment, tmp_path: Path,
+                                                          monkeypatch, caplog) -> None:
+    """Issue 14 item 1, the command line: with the Fleet API on all interfaces, the
+    Control and ServerAppIo APIs still bind 127.0.0.1; exposing the Control API takes an
+    explicit flag and logs a warning. (No process: nothing may listen off loopback here.)"""
+    from fedspatial.deployment import nodes
+
+    monkeypatch.setattr(nodes, "port_free", lambda host, port: True)
+    opts = ServerOptions(certs=material.certs, ssl_certfile=None, ssl_keyfile=None, ssl_ca_certfile=None,
+                         database=tmp_path / "s.db", host="0.0.0.0", port=9092)
+    cmd = superlink_command(opts)
+    flower = cmd[cmd.index("--") + 1:]
+    assert cmd[cmd.index("--fleet") + 1] == "0.0.0.0:9092"
+    assert cmd[cmd.index("--control") + 1] == "127.0.0.1:9093"
+    assert flower[flower.index("--host") + 1] == "127.0.0.1" and flower[flower.index("--port") + 1] == "9091"
+    public = dataclasses.replace(opts, control_host="0.0.0.0")
+    with pytest.raises(DeployError, match="--expose-control-api"):
+        superlink_command(public)
+    cmd = superlink_command(dataclasses.replace(public, expose_control_api=True))
+    assert cmd[cmd.index("--control") + 1] == "0.0.0.0:9093"
+    assert "THE CONTROL API IS EXPOSED on 0.0.0.0:9093" in caplog.text
 
 
 def test_wrapper_stops_when_its_helper_dies(caplog) -> None:
@@ -598,6 +673,51 @@ def test_site_group_drops_failed_sites_until_too_few_remain(monkeypatch) -> None
 # ----------------------------------------------------------------------------- the deployment
 
 
+def _status(port: int, path: str, ca: Path) -> tuple[int, str]:
+    """POST ``path`` to the SuperLink on 127.0.0.1:``port`` (TLS): status and body."""
+    import http.client
+
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ssl.create_default_context(cafile=str(ca)))
+    try:
+        conn.request("POST", path, body=b"", headers={"content-type": "application/protobuf"})
+        res = conn.getresponse()
+        return res.status, res.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def test_each_api_listens_on_its_own_loopback_port(deployment: Deployment) -> None:
+    """Issue 14 item 1, real processes: the hospitals' port serves the Fleet API only; the
+    Control API (runs, key registration) and the ServerAppIo API (ServerApp tasks) are
+    refused there and listen on 127.0.0.1 ports of their own."""
+    assert deployment.server is not None
+    tree = [psutil.Process(deployment.server.pid), *psutil.Process(deployment.server.pid).children(recursive=True)]
+    listening = set()
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            listening |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN}
+    assert listening == {("127.0.0.1", p) for p in (deployment.port, deployment.control_port, deployment.serverappio_port)}
+    ca = deployment.certs / "ca.crt"
+    refused = "not served on this port"
+    for port, path in [(deployment.port, "/v1/control/list-runs"), (deployment.port, "/v1/runtime/acquire-task"),
+                       (deployment.port, "/docs"), (deployment.port, "/v1/fleet/../control/list-runs"),
+                       (deployment.control_port, "/v1/fleet/get-run"), (deployment.control_port, "/v1/runtime/get-nodes"),
+                       (deployment.serverappio_port, "/v1/control/list-runs"), (deployment.serverappio_port, "/v1/fleet/get-run")]:
+        assert _status(port, path, ca) == (404, refused + "\n"), (port, path)
+    # Negative control: each API's own paths reach Flower (which then judges the request).
+    for port, path in [(deployment.port, "/v1/fleet/get-run"), (deployment.control_port, "/v1/control/list-runs")]:
+        assert _status(port, path, ca)[1] != refused + "\n", (port, path)
+    # The Flower command line: refused on the hospitals' port, served on the Control port.
+    public = deployment.root / "flwr-public"
+    write_flwr_connection(public, "public", deployment.address, ca)
+    res = subprocess.run([str(BIN / "flwr"), "ls", "public"], capture_output=True, text=True, timeout=60,
+                         env={**deployment.env, "FLWR_HOME": str(public)})
+    assert res.returncode != 0 and "404" in res.stdout + res.stderr, res.stdout[-2000:]
+    res = deployment.flwr("ls", CONNECTION)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
 def test_wrong_ca_is_refused_with_a_clear_message(deployment: Deployment) -> None:
     args = deployment.client_args("hospital_a", ca=deployment.root / "other" / "ca.crt")
     res = deployment.run(args, timeout=60)
@@ -645,6 +765,9 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
     # would repeat Flower's and fedspatial's lines.
     assert res.stdout.count("[ROUND 1/2]") == 1 and res.stdout.count("run 't1' finished") == 1
     assert "run 't1' finished: 2 round(s), 3 site(s)" in res.stdout and "joint ARI" in res.stdout
+    # Site names are bound to the names the keys were registered with (issue 14 item 7) ...
+    assert ("site names checked against the registered keys: hospital_a (bound), hospital_b (bound), "
+            "hospital_c (bound)") in res.stdout
     # ... and the report files come back byte for byte; the marked line is not echoed.
     assert RESULT_MARKER not in res.stdout and "[run report received:" in res.stdout
     for name in ("metrics.json", "config.json"):
@@ -669,6 +792,10 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
         assert annotated.obsm["X_fedspatial"].shape[1] == 8
         assert "fedspatial_domain" in annotated.obs
     assert not list((deployment.results / "t1").rglob("*.h5ad"))  # sections stay at the sites
+    # ... and no hospital's own path reaches the center (issue 14 item 6): file names only.
+    assert str(deployment.root / "out") not in (deployment.results / "t1" / "metrics.json").read_text()
+    section = next(iter(report["sections"].values()))
+    assert not Path(section["output"]).is_absolute() and section["output"].endswith(".h5ad")
     (deployment.root / "t1-wall.txt").write_text(f"{wall:.1f}\n")
 
 

@@ -1,4 +1,4 @@
-"""Deployment: thin wrappers over Flower's ``flower-superlink`` and ``flower-supernode``.
+"""Deployment: thin wrappers over Flower's SuperLink and ``flower-supernode``.
 
 ``fedspatial server``  the coordinating center's SuperLink (TLS, SuperNode authentication,
                        a database so that it can restart)
@@ -19,6 +19,8 @@ Modules, by concern:
 - :mod:`.certificates`  certificates and the SuperNode authentication keys
 - :mod:`.processes`     running Flower commands as child processes
 - :mod:`.nodes`         ``fedspatial server`` / ``client``: checks, command lines, running
+- :mod:`.superlink`     the center's SuperLink process: Flower's app behind one listener per
+                        API (Fleet public; Control and ServerAppIo on 127.0.0.1 by default)
 - :mod:`.submit`        ``fedspatial submit`` / ``results``: the run and its report
 
 The command line itself (argparse) is :mod:`fedspatial.cli`; the result line the

@@ -136,6 +136,48 @@ def check_server_certificates(cert_path: Path, key_path: Path, ca_path: Path, ho
     return names
 
 
+_PRIVATE_KEY_PEM = b"PRIVATE KEY-----"  # BEGIN (EC|RSA|ENCRYPTED|OPENSSH|) PRIVATE KEY
+_MAX_SCANNED_BYTES = 1 << 20
+
+
+def check_no_other_private_keys(folders: list[Path], server_key: Path) -> None:
+    """Refuse certificate folders that hold a private key other than the server's.
+
+    The SuperLink and every run's ServerApp (code that submitters send) can read the
+    ``--certs`` folder; a CA key there would let that code mint certificates that
+    hospitals trust. So ``ca.key``, or any PEM private key besides ``server_key``, stops
+    the server.
+
+    Raises
+    ------
+    DeployError
+        One line naming the file and how to move it away.
+    """
+    keep = server_key.expanduser().resolve()
+    for folder in dict.fromkeys(f.expanduser().resolve() for f in folders):
+        if not folder.is_dir():
+            continue
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:  # unreadable: the certificate checks that follow say so
+            continue
+        for path in entries:
+            if path.resolve() == keep or not path.is_file():
+                continue
+            is_key = path.name == "ca.key"
+            if not is_key and path.stat().st_size <= _MAX_SCANNED_BYTES:
+                try:
+                    is_key = _PRIVATE_KEY_PEM in path.read_bytes()
+                except OSError:  # unreadable to us: not something the server could leak either
+                    is_key = False
+            if is_key:
+                raise DeployError(
+                    f"private key {path} is in the certificate folder {folder}, which the SuperLink and every "
+                    f"run's code can read: move it out (e.g. `mv {path} {folder}-ca-private/`, as "
+                    "deploy/gen-certs.sh --ca-dir does) and keep the CA key offline"
+                )
+
+
 # ----------------------------------------------------------------------------- keys
 
 

@@ -16,8 +16,12 @@ from fedspatial.deployment.errors import DeployError
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9092
-"""The center's one TCP port: Flower 1.42 serves the Fleet API (hospitals), the Control
-API (``flwr run``, ``flwr supernode register``) and its Runtime API on the same port."""
+"""The center's public port: the Fleet API, the only one hospitals use."""
+DEFAULT_CONTROL_PORT = 9093
+"""The center's Control API (``flwr run``, ``flwr supernode register``, ``fedspatial
+submit``): 127.0.0.1 unless ``fedspatial server --expose-control-api``."""
+DEFAULT_SERVERAPPIO_PORT = 9091
+"""The center's ServerAppIo (Flower's runtime) API: always 127.0.0.1, for its own ServerApps."""
 DEFAULT_CLIENT_RUNTIME_PORT = 9094
 """A SuperNode's local Runtime API port (127.0.0.1 only; ClientApp processes use it)."""
 
@@ -58,6 +62,16 @@ def is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def port_free(host: str, port: int) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedspatial.deployment.certificates import (
     check_auth_key,
+    check_no_other_private_keys,
     check_server_certificates,
     load_certificate,
     public_key_path,
@@ -19,9 +20,12 @@ from fedspatial.deployment.certificates import (
 from fedspatial.deployment.errors import SUPERLINK_EXIT_HELP, SUPERNODE_EXIT_HELP, DeployError
 from fedspatial.deployment.network import (
     DEFAULT_CLIENT_RUNTIME_PORT,
+    DEFAULT_CONTROL_PORT,
     DEFAULT_PORT,
+    DEFAULT_SERVERAPPIO_PORT,
     check_superlink,
     format_address,
+    is_loopback,
     parse_address,
     port_free,
 )
@@ -92,8 +96,15 @@ class ServerOptions:
     database: Path
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
+    """The Fleet API (hospitals): the only API on ``host``."""
     log_file: Path | None = None
     workdir: Path | None = None
+    control_host: str = "127.0.0.1"
+    control_port: int = DEFAULT_CONTROL_PORT
+    """The Control API (operators, submitters); off loopback only with ``expose_control_api``."""
+    expose_control_api: bool = False
+    serverappio_port: int = DEFAULT_SERVERAPPIO_PORT
+    """Flower's ServerAppIo (runtime) API, always on 127.0.0.1."""
 
     def cert_paths(self) -> tuple[Path, Path, Path]:
         if self.certs is not None:
@@ -117,26 +128,39 @@ def superlink_command(opts: ServerOptions) -> list[str]:
         cannot be written, or a port already in use.
     """
     cert, key, ca = opts.cert_paths()
-    names = check_server_certificates(cert, key, ca, opts.host)
+    check_no_other_private_keys([cert.parent, key.parent, ca.parent], key)
+    # The SuperLink's own ServerApps reach it on 127.0.0.1: that name must be in the certificate.
+    names = check_server_certificates(cert, key, ca, "127.0.0.1")
     database = opts.database.expanduser().resolve()
     _check_writable_dir(database.parent, "database folder")
-    if not port_free(opts.host, opts.port):
-        raise DeployError(
-            f"port {opts.port} on {opts.host} is already in use: another SuperLink (or another "
-            f"service) runs there; stop it, or choose another port with --port"
-        )
+    check_control_exposure(opts)
+    ports = [(opts.host, opts.port, "--port"), (opts.control_host, opts.control_port, "--control-port"),
+             ("127.0.0.1", opts.serverappio_port, "--serverappio-port")]
+    if len({p for _, p, _ in ports}) < len(ports):
+        raise DeployError("--port, --control-port and --serverappio-port must be three different ports")
+    for host, port, option in ports:
+        if not port_free(host, port):
+            raise DeployError(
+                f"port {port} on {host} is already in use: another SuperLink (or another "
+                f"service) runs there; stop it, or choose another port with {option}"
+            )
     logger.info("SuperLink certificate is valid for: %s (hospitals connect to one of these, port %d)",
                 ", ".join(names), opts.port)
     logger.info("state database: %s (%s)", database, "existing" if database.exists() else "new")
     cmd = [
-        flower_binary("flower-superlink"),
+        # -P: the working directory (where runs write) never shadows an installed module.
+        sys.executable, "-P", "-m", "fedspatial.deployment.superlink",
+        "--fleet", format_address(opts.host, opts.port),
+        "--control", format_address(opts.control_host, opts.control_port),
+        "--",
         "--ssl-certfile", str(cert.expanduser().resolve()),
         "--ssl-keyfile", str(key.expanduser().resolve()),
         "--ssl-ca-certfile", str(ca.expanduser().resolve()),
         "--enable-supernode-auth",
         "--database", str(database),
-        "--host", opts.host,
-        "--port", str(opts.port),
+        # Flower's own --host/--port: the ServerAppIo listener (fedspatial.deployment.superlink).
+        "--host", "127.0.0.1",
+        "--port", str(opts.serverappio_port),
         # The center runs the installed fedspatial; never pip/uv-install what a run asks for.
         "--disable-runtime-dependency-installation",
     ]
@@ -147,14 +171,45 @@ def superlink_command(opts: ServerOptions) -> list[str]:
     return cmd
 
 
+def check_control_exposure(opts: ServerOptions) -> None:
+    """The Control API off loopback needs ``--expose-control-api``, and is warned about.
+
+    Open-source Flower 1.42 has no user accounts on it: whoever reaches it submits runs
+    (code that runs at the center and at every hospital) and registers SuperNode keys.
+
+    Raises
+    ------
+    DeployError
+        A non-loopback ``--control-host`` without ``--expose-control-api``.
+    """
+    if is_loopback(opts.control_host):
+        return
+    if not opts.expose_control_api:
+        raise DeployError(
+            f"--control-host {opts.control_host} would expose the Control API, through which anyone who reaches "
+            "it submits runs that execute at every hospital: keep the default 127.0.0.1 and use an SSH tunnel "
+            "(deploy/README.md), or add --expose-control-api behind a firewall that admits only your operators"
+        )
+    banner = "!" * 78
+    logger.warning(
+        "\n%s\nTHE CONTROL API IS EXPOSED on %s. Open-source Flower has no user accounts: ANYONE who "
+        "reaches this address can submit runs (code that executes at the center and at EVERY HOSPITAL), "
+        "register SuperNode keys and stop runs. Admit only your operators' addresses (firewall/VPN), or "
+        "restart without --expose-control-api and use an SSH tunnel.\n%s",
+        banner, format_address(opts.control_host, opts.control_port), banner,
+    )
+
+
 def run_server(opts: ServerOptions) -> int:
-    """``fedspatial server``: check, then run ``flower-superlink`` until stopped."""
+    """``fedspatial server``: check, then run the SuperLink until stopped."""
     cmd = superlink_command(opts)
     cwd = opts.workdir.expanduser().resolve() if opts.workdir else None
     if cwd is not None:
         cwd.mkdir(parents=True, exist_ok=True)
-    logger.info("starting the SuperLink on %s (TLS, SuperNode authentication)",
-                format_address(opts.host, opts.port))
+    logger.info("starting the SuperLink (TLS, SuperNode authentication): hospitals (Fleet API) on %s; "
+                "Control API on %s; ServerAppIo API on %s",
+                format_address(opts.host, opts.port), format_address(opts.control_host, opts.control_port),
+                format_address("127.0.0.1", opts.serverappio_port))
     explain = {k: v.format(database=opts.database) for k, v in SUPERLINK_EXIT_HELP.items()}
     return run_child(cmd, explain=explain, what="flower-superlink", cwd=cwd)
 

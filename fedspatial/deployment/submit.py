@@ -17,7 +17,13 @@ from typing import Any
 from fedspatial.deployment.errors import DeployError
 from fedspatial.deployment.network import check_superlink, format_address, parse_address
 from fedspatial.deployment.processes import flower_binary, flower_env
-from fedspatial.shared.protocol.result_line import ResultLineError, parse_result_line
+from fedspatial.shared.protocol.result_line import (
+    RUN_NAME_RULE,
+    ResultLineError,
+    check_bundle,
+    is_valid_run_name,
+    parse_result_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +190,7 @@ def run_results(run_id: int, *, connection: str | None, out: Path | None) -> int
             f"run {run_id}'s log holds no run report: the run failed or was stopped before its end "
             "(see the log above), or it was run by another fedspatial version"
         )
-    local = (out or Path("results") / str(bundle["run-name"])).expanduser()
+    local = out.expanduser() if out is not None else default_results_folder(bundle["run-name"])
     saved = save_results(bundle, local)
     logger.info("report of run '%s' saved to %s (%s); at the coordinating center: %s/", bundle["run-name"],
                 local, ", ".join(p.name for p in saved), bundle.get("center-folder"))
@@ -220,12 +226,45 @@ def _follow_run(cmd: Sequence[str], env: Mapping[str, str]) -> tuple[int, dict[s
 
 
 def save_results(bundle: Mapping[str, Any], folder: Path) -> list[Path]:
-    """Write the bundle's files into ``folder`` (atomically, names checked)."""
+    """Write the bundle's files into ``folder`` (atomically), and nowhere else.
+
+    The bundle comes from a run's log, which whoever runs code at the center can write:
+    only the known report files are accepted, and a file that is a symbolic link (or a
+    ``folder`` that resolves somewhere else through one) is refused, not followed.
+
+    Raises
+    ------
+    DeployError
+        Naming the file or folder refused; nothing is saved then.
+    """
     from fedspatial.shared.storage.atomic import write_text_atomic
 
-    saved = []
-    for name, text in bundle["files"].items():
-        if Path(name).name != name or name.startswith("."):  # never write outside the folder
-            raise DeployError(f"the run report names an unexpected file {name!r}; nothing saved")
-        saved.append(write_text_atomic(folder / name, text))
-    return saved
+    try:
+        check_bundle(bundle)
+    except ResultLineError as err:
+        raise DeployError(str(err)) from None
+    folder = Path(folder).expanduser()
+    if folder.is_symlink():
+        raise DeployError(f"{folder} is a symbolic link: give a real folder with --out; nothing saved")
+    base = folder.resolve()
+    targets = {}
+    for name in bundle["files"]:
+        target = base / name
+        if target.is_symlink() or target.resolve().parent != base:
+            raise DeployError(f"{target} is a symbolic link or leads out of {base}; remove it, nothing saved")
+        targets[name] = target
+    return [write_text_atomic(targets[name], text) for name, text in bundle["files"].items()]
+
+
+def default_results_folder(run_name: object, parent: Path = Path("results")) -> Path:
+    """``<parent>/<run_name>`` for a run name from a run's log, checked to be one folder name.
+
+    Raises
+    ------
+    DeployError
+        When the name could lead elsewhere (a path, '..', a hidden folder).
+    """
+    if not is_valid_run_name(run_name):
+        raise DeployError(f"the run report names the run {run_name!r}, not a valid run name "
+                          f"({RUN_NAME_RULE}); nothing saved (pass --out DIR to choose the folder)")
+    return parent / str(run_name)

@@ -145,8 +145,11 @@ class Federation(Protocol):
         asked site an error (protocols whose sums need every site)."""
         ...
 
-    def rename(self, names: Mapping[str, str]) -> None:
-        """Give the sites their own names (``describe``'s replies) in place of node ids."""
+    def rename(self, names: Mapping[str, str]) -> list[str]:
+        """Give the sites their own names (``describe``'s replies) in place of node ids;
+        returns the keys of ``names`` admitted under their name. A site whose name is not
+        the one its key was registered with, or that another site also claims, is
+        dropped from the run."""
         ...
 
     def train(self, run: Run, initial: Weights, *, done_rounds: int, history: list[dict[str, Any]]) -> TrainOutcome:

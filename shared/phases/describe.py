@@ -20,8 +20,8 @@ class Describe(Phase):
 
     def run(self, fed: Federation, run: Run) -> None:
         replies = fed.ask(Query.DESCRIBE)
-        fed.rename({key: reply.string("site") for key, reply in replies.items()})
-        for reply in replies.values():
+        admitted = fed.rename({key: reply.string("site") for key, reply in replies.items()})
+        for reply in (replies[key] for key in admitted):  # never an impostor's description
             run.sites[reply.string("site")] = SiteDescription(
                 n_cells=int(reply.metrics[NUM_EXAMPLES]),
                 sections=reply.strings("sections"),
