@@ -1,4 +1,4 @@
-"""Figures a person looks at: domains on tissue coordinates, loss per round."""
+"""Figures a person looks at: domains on tissue coordinates, loss per round, marker dot plot."""
 
 from __future__ import annotations
 
@@ -113,6 +113,77 @@ def plot_loss(curves: Mapping[str, Sequence[tuple[int, float]]], *, path: str | 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_marker_dots(
+    means: np.ndarray,
+    fractions: np.ndarray,
+    *,
+    domains: Sequence[str],
+    genes: Sequence[str],
+    path: str | Path,
+    title: str = "marker genes per domain",
+) -> Path:
+    """Dot plot of genes (columns) by domain (rows), as ``sc.pl.dotplot`` draws it: the
+    dot's size is the fraction of the domain's cells expressing the gene, its colour the
+    domain's mean log-expression scaled to [0, 1] per gene.
+
+    ``means``, ``fractions``: ``(len(domains), len(genes))``.
+    """
+    means, fractions = np.asarray(means, dtype=float), np.asarray(fractions, dtype=float)
+    low, high = np.nanmin(means, axis=0), np.nanmax(means, axis=0)
+    scaled = (means - low) / np.where(high > low, high - low, 1.0)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(genes) + 2.0), max(2.5, 0.4 * len(domains) + 1.4)))
+    cols, rows = np.meshgrid(np.arange(len(genes)), np.arange(len(domains)))
+    dots = ax.scatter(cols.ravel(), rows.ravel(), s=220 * np.nan_to_num(fractions).ravel() + 1,
+                      c=np.nan_to_num(scaled).ravel(), cmap="Reds", vmin=0, vmax=1, edgecolors="grey", linewidths=0.3)
+    ax.set_xticks(range(len(genes)), [str(g) for g in genes], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(domains)), [str(d) for d in domains], fontsize=8)
+    ax.set_xlim(-0.6, len(genes) - 0.4)
+    ax.set_ylim(len(domains) - 0.4, -0.6)
+    ax.set_ylabel("domain")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(dots, ax=ax, fraction=0.03, pad=0.02, label="mean expression (scaled per gene)")
+    for frac in (0.25, 0.5, 1.0):  # size legend
+        ax.scatter([], [], s=220 * frac + 1, c="lightgrey", edgecolors="grey", linewidths=0.3, label=f"{frac:.0%}")
+    ax.legend(title="cells expressing", fontsize=6, title_fontsize=7, ncol=3, loc="upper center",
+              bbox_to_anchor=(0.5, -0.1 - 0.014 * max(len(str(g)) for g in genes)), frameon=False)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_reliability(curves: Mapping[str, Sequence[Mapping[str, Any]]], *, path: str | Path, title: str) -> Path:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, one line
+    per named confidence (the diagonal is perfect calibration), with the share of cells
+    per bin below.
+
+    ``curves``: name -> ``{"low", "high", "n", "confidence", "accuracy"}`` per bin
+    (:func:`fedspatial.shared.evaluation.calibration.calibration_report`).
+    """
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.4, 5.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="calibrated")
+    for i, (name, bins) in enumerate(curves.items()):
+        colour = _palette(10)[i % 10]
+        filled = [b for b in bins if b["n"] > 0]
+        top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o-", color=colour, ms=3, label=name)
+        centres = [(b["low"] + b["high"]) / 2 for b in bins]
+        total = max(sum(b["n"] for b in bins), 1)
+        bottom.step(centres, [b["n"] / total for b in bins], where="mid", color=colour)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy (domains matched to labels)")
+    top.set_title(title, fontsize=9)
+    top.legend(fontsize=7, loc="upper left")
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("cells")
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

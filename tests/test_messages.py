@@ -25,6 +25,7 @@ from flwr.app import Message
 from fedspatial.server import messaging
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.shared.evaluation.calibration import TEMPERATURES
 from fedspatial.shared.protocol.names import Query, message_type
 from fedspatial.simulation import simulate
 
@@ -95,6 +96,10 @@ def _allowed_dims(run: Path, cfg: ExperimentConfig, extra: Iterable[int]) -> set
     if cfg.features.n_pcs:
         dims |= {cfg.features.n_pcs, min(report["n-features-selected"], cfg.features.n_pcs + 10)}  # PCA's block
     dims |= {m["n-features-shared"] for m in report["mapped-panels"].values()}
+    if "n-genes" in report.get("markers", {}):  # marker sums: domains x genes every section shares
+        dims.add(report["markers"]["n-genes"])
+    if "temperature" in report.get("calibration", {}):  # the calibration loss: one sum per candidate temperature
+        dims.add(len(TEMPERATURES))
     return dims | set(extra)
 
 
@@ -203,3 +208,8 @@ def test_local_dp_with_secure_aggregation_and_client_side_dp(tmp_path: Path, mes
         assert kinds == {"feature-stats", "dp-sgd"} and ledger["epsilon"] <= 8.0 * 1.0001
     types = _inspect(messages, cells, _allowed_dims(run, cfg, []))
     assert {"train", "query.feature_stats", "query.mixture", "query.finalize"} <= types
+    # Marker genes and the confidence's temperature are refused under local DP: no marker
+    # statistics or calibration losses left any site.
+    assert "query.markers" not in types and "privacy.local-dp" in report["markers"]["skipped"]
+    assert "query.calibration" not in types and "temperature" not in report.get("calibration", {})
+    assert not (run / "markers.csv").exists()

@@ -44,7 +44,7 @@ def _run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_phases_run_in_the_documented_order() -> None:
     assert [p.name for p in PHASES] == [
         "describe", "feature space", "PCA", "small-panel mapping", "training",
-        "embedding", "Harmony", "k-means", "mixture", "finalize",
+        "embedding", "Harmony", "k-means", "mixture", "finalize", "calibration", "markers",
     ]
 
 

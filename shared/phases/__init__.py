@@ -9,12 +9,14 @@ one line in :data:`PHASES`.
 from __future__ import annotations
 
 from fedspatial.shared.phases.base import Phase
+from fedspatial.shared.phases.calibration import CalibrationPhase
 from fedspatial.shared.phases.describe import Describe
 from fedspatial.shared.phases.embedding import Embedding
 from fedspatial.shared.phases.feature_space import FeatureSpacePhase
 from fedspatial.shared.phases.finalize import Finalize
 from fedspatial.shared.phases.harmony import HarmonyPhase
 from fedspatial.shared.phases.kmeans import KMeansPhase
+from fedspatial.shared.phases.markers import MarkersPhase
 from fedspatial.shared.phases.mixture import MixturePhase
 from fedspatial.shared.phases.panels import PanelPhase
 from fedspatial.shared.phases.pca import PCAPhase
@@ -31,6 +33,8 @@ PHASES: tuple[Phase, ...] = (
     KMeansPhase(),
     MixturePhase(),
     Finalize(),
+    CalibrationPhase(),
+    MarkersPhase(),
 )
 """Every phase, in run order; a phase whose :meth:`~Phase.enabled` is false is skipped."""
 

@@ -1,6 +1,7 @@
 """Phase ``finalize``: every site assigns its cells to the federation's domains, refines
-them spatially, writes its annotated sections and plots at home, and returns scores
-and label x domain counts only.
+them spatially, writes its annotated sections and plots at home, and returns scores,
+label x domain counts and, for the confidence's calibration, the same counts per
+confidence bin only. The final domains stay in the site's state for the markers phase.
 
 Fields each annotated section gains (a copy of the input; the input is never modified):
 ``obsm["X_fedspatial"]`` (embedding), ``obsm["X_fedspatial_uncorrected"]`` (before
@@ -14,7 +15,8 @@ import json
 import logging
 import resource
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +24,11 @@ import pandas as pd
 from fedspatial.shared.algorithms import kmeans as clustering
 from fedspatial.shared.algorithms.mixture import MixtureParams
 from fedspatial.shared.evaluation import metrics
+from fedspatial.shared.evaluation.calibration import (
+    CalibrationTable,
+    calibration_table,
+    merge_calibration_tables,
+)
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site
 from fedspatial.shared.phases.embedding import embedding_of, uncorrected_embedding
 from fedspatial.shared.plots import plot_section_domains
@@ -29,7 +36,13 @@ from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
 from fedspatial.shared.protocol.payload import Payload
 from fedspatial.shared.storage.atomic import write_atomic
 
+if TYPE_CHECKING:
+    from fedspatial.shared.data.sections import SiteSection
+
 logger = logging.getLogger(__name__)
+
+DOMAINS_STATE = "final-domains"
+"""Site state key of the final domains (read by the markers phase)."""
 
 
 class Finalize(Phase):
@@ -57,23 +70,31 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
     data = site.graph_data(site.setup())
     centroids = request.array("centroids")
     mixture = request.string("mixture", "none")
+    logits: np.ndarray | None = None  # log weighted densities: what the calibration phase tempers
     if mixture != "none":  # centroids are then the mixture's means, sent with its other parameters
-        posterior = MixtureParams.from_arrays(request.arrays, mixture).predict_proba(z)
+        params = MixtureParams.from_arrays(request.arrays, mixture)
+        posterior, logits = params.predict_proba(z), params.weighted_log_prob(z)
         labels = posterior.argmax(axis=1)
     else:
         labels, _ = clustering.assign_clusters(z, centroids)
-        posterior = clustering.isotropic_posterior(z, centroids, request.number("variance"))
+        variance = request.number("variance")
+        posterior = clustering.isotropic_posterior(z, centroids, variance)
+        if variance > 0:  # -||z - c||^2 / (2 variance) up to a per-cell constant, which softmax ignores
+            logits = (z @ centroids.T - 0.5 * (centroids**2).sum(axis=1)) / variance
     neighbors = data.neighbors.numpy()
     refine = request.flag("refine", True)
     run_name = request.string("run-name", site.cfg.run_name)
     label_key, out_dir = site.cfg.data.label_key, site.output_dir
-    report: dict[str, Any] = {"site": site.name, "sections": {}, "contingency": {}, "outputs": []}
+    report: dict[str, Any] = {"site": site.name, "sections": {}, "contingency": {}, "calibration": {}, "outputs": []}
     per_site: dict[str, list[metrics.Contingency]] = {}
+    calibration: dict[str, list[CalibrationTable]] = {}
+    final: list[np.ndarray] = []
     for section, (key, start, stop) in zip(site.sections, data.sections, strict=True):
         dom = labels[start:stop]
         if refine:
             local = neighbors[start:stop]
             dom = clustering.refine_labels(dom, np.where(local >= 0, local - start, -1))
+        final.append(dom)
         conf = posterior[start:stop][np.arange(stop - start), dom]
         annotated = section.adata.copy()
         annotated.obsm["X_fedspatial"] = z[start:stop]
@@ -82,13 +103,16 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
         annotated.obs["fedspatial_domain"] = pd.Categorical(dom.astype(str), categories=[str(i) for i in range(len(centroids))])
         annotated.obs["fedspatial_confidence"] = conf.astype(np.float32)
         annotated.uns["fedspatial"] = {"run": run_name, "n_domains": len(centroids), "refine": refine}
-        path = out_dir / f"{section.site}__{section.name}.h5ad"
+        path = annotated_path(out_dir, section)
         write_atomic(path, annotated.write_h5ad)
         entry: dict[str, Any] = {"site": section.site, "n_cells": int(stop - start), "output": str(path), "peak_rss_mb": peak_rss_mb()}
         truth = section.adata.obs.get(label_key)
         if truth is not None:
             entry.update(metrics.section_scores(truth.to_numpy(), dom))
             per_site.setdefault(section.site, []).append(metrics.contingency(truth.to_numpy(), dom))
+            # the confidence as written (float32), per (bin, label, domain): see evaluation/calibration.py
+            table = calibration_table(truth.to_numpy(), dom, conf.astype(np.float32))
+            calibration.setdefault(section.site, []).append(table)
         png = out_dir / f"{section.site}__{section.name}_domains.png"
         coords = np.asarray(section.adata.obsm[site.cfg.data.spatial_key])[:, :2]
         plot_section_domains(coords, dom, truth.to_numpy() if truth is not None else None, title=section.key, path=png)
@@ -100,8 +124,33 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
         report["contingency"][name] = {
             "labels": merged.labels, "domains": [int(d) for d in merged.domains], "counts": merged.counts.tolist(),
         }
+        report["calibration"][name] = merge_calibration_tables(calibration[name]).to_json()
+    # the final (refined) domains, and the logits, stay at the site for the phases after this one
+    kept = {"domains": np.concatenate(final).astype(np.int64), **({"logits": logits} if logits is not None else {})}
+    site.state.put(DOMAINS_STATE, Payload(arrays=kept, config={"n-domains": len(centroids)}))
     logger.info("%s: wrote %d annotated sections to %s", site.name, len(site.sections), out_dir)
     return report, np.bincount(labels, minlength=len(centroids)).astype(np.int64)
+
+
+def annotated_path(out_dir: Path, section: SiteSection) -> Path:
+    """Where a site writes a section's annotated copy."""
+    return out_dir / f"{section.site}__{section.name}.h5ad"
+
+
+def final_domains(site: Site) -> tuple[np.ndarray, int]:
+    """``(int64 (n_cells,), K)``: the site's cells' final domains, sections in
+    ``site.sections`` order, as ``finalize`` wrote them (it must have run)."""
+    stored = site.state.get(DOMAINS_STATE)
+    if stored is None:
+        raise RuntimeError(f"{site.name}: no final domains yet; the finalize phase must run first")
+    return stored.array("domains").astype(np.int64), int(stored.number("n-domains"))
+
+
+def final_logits(site: Site) -> np.ndarray | None:
+    """``float64 (n_cells, K)``: log weighted densities of the domain model at the site's
+    cells (``None`` for a hard assignment, variance 0)."""
+    stored = site.state.get(DOMAINS_STATE)
+    return None if stored is None or "logits" not in stored.arrays else np.asarray(stored.array("logits"), dtype=np.float64)
 
 
 def peak_rss_mb() -> float:

@@ -26,6 +26,8 @@ class Query(StrEnum):
     CLUSTER_STATS = "cluster_stats"
     MIXTURE = "mixture"
     FINALIZE = "finalize"
+    CALIBRATION = "calibration"
+    MARKERS = "markers"
 
 
 
@@ -58,6 +60,20 @@ class HarmonyStep(StrEnum):
     LOAD = "load"
     INIT_PROPOSE = "init-propose"
     INIT_STATS = "init-stats"
+    STORE = "store"
+
+
+class CalibrationStage(StrEnum):
+    """Steps of ``query.calibration`` (label-free temperature, :mod:`fedspatial.shared.evaluation.calibration`)."""
+
+    LOSS = "loss"
+    STORE = "store"
+
+
+class MarkerStage(StrEnum):
+    """Steps of ``query.markers`` (federated marker genes, :mod:`fedspatial.shared.algorithms.markers`)."""
+
+    SUMS = "sums"
     STORE = "store"
 
 
