@@ -212,4 +212,6 @@ def test_local_dp_with_secure_aggregation_and_client_side_dp(tmp_path: Path, mes
     # statistics or calibration losses left any site.
     assert "query.markers" not in types and "privacy.local-dp" in report["markers"]["skipped"]
     assert "query.calibration" not in types and "temperature" not in report.get("calibration", {})
+    # ... and finalize sent no per-confidence-bin tables (finer than the contingency table).
+    assert "before" not in report.get("calibration", {})
     assert not (run / "markers.csv").exists()

@@ -110,9 +110,11 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
         if truth is not None:
             entry.update(metrics.section_scores(truth.to_numpy(), dom))
             per_site.setdefault(section.site, []).append(metrics.contingency(truth.to_numpy(), dom))
-            # the confidence as written (float32), per (bin, label, domain): see evaluation/calibration.py
-            table = calibration_table(truth.to_numpy(), dom, conf.astype(np.float32))
-            calibration.setdefault(section.site, []).append(table)
+            # the confidence as written (float32), per (bin, label, domain): see evaluation/calibration.py.
+            # Not under local DP: a finer table than the contingency, outside the privacy ledger.
+            if not site.cfg.privacy.local_dp:
+                table = calibration_table(truth.to_numpy(), dom, conf.astype(np.float32))
+                calibration.setdefault(section.site, []).append(table)
         png = out_dir / f"{section.site}__{section.name}_domains.png"
         coords = np.asarray(section.adata.obsm[site.cfg.data.spatial_key])[:, :2]
         plot_section_domains(coords, dom, truth.to_numpy() if truth is not None else None, title=section.key, path=png)
@@ -124,7 +126,8 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
         report["contingency"][name] = {
             "labels": merged.labels, "domains": [int(d) for d in merged.domains], "counts": merged.counts.tolist(),
         }
-        report["calibration"][name] = merge_calibration_tables(calibration[name]).to_json()
+        if name in calibration:
+            report["calibration"][name] = merge_calibration_tables(calibration[name]).to_json()
     # the final (refined) domains, and the logits, stay at the site for the phases after this one
     kept = {"domains": np.concatenate(final).astype(np.int64), **({"logits": logits} if logits is not None else {})}
     site.state.put(DOMAINS_STATE, Payload(arrays=kept, config={"n-domains": len(centroids)}))
