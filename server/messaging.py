@@ -189,7 +189,11 @@ class SiteGroup(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Push ``messages``, collect replies until all arrived or ``timeout`` (at most
-        ``message_timeout``); drop every site that answered with an error or not at all."""
+        ``message_timeout``); drop every site that answered with an error or not at all.
+
+        Replies come back in site-name order, not arrival order: Flower's strategies
+        aggregate them in list order, and a float sum in arrival order would make a run's
+        model depend on which hospital answered first."""
         timeout = self.message_timeout if timeout is None else min(timeout, self.message_timeout)
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
@@ -213,7 +217,7 @@ class SiteGroup(Grid):
         for mid, m in zip(ids, messages, strict=True):
             if not mid:  # Flower could not push it (it logs why)
                 self.drop(m.metadata.dst_node_id, "the message could not be sent", m.metadata.message_type)
-        return replies
+        return sorted(replies, key=lambda r: (self.name(self.node_of(r)), self.node_of(r)))
 
     def node_of(self, reply: Message) -> int:
         """The site a reply answers for (Flower's own error replies come from the SuperLink)."""

@@ -65,6 +65,25 @@ def test_hung_site_is_dropped_after_the_message_timeout(task_identity) -> None:
     assert time.monotonic() - start < 3
 
 
+class _ReversedGrid(_HungGrid):
+    """Replies arrive in the reverse of the order the messages were sent."""
+
+    def pull_messages(self, ids):
+        return list(reversed(super().pull_messages(ids)))
+
+
+def test_replies_come_back_in_site_name_order_whatever_the_arrival_order(task_identity) -> None:
+    # Flower's FedAvg sums replies in list order: arrival order would make float sums,
+    # hence the model, depend on which site answered first.
+    sites = SiteGroup(_ReversedGrid({1, 2, 3}, hung=set()), [1, 2, 3], min_nodes=3)
+    sites.names = {1: "zurich", 2: "basel", 3: "geneva"}
+    replies = sites.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)])
+    assert [sites.name(sites.node_of(r)) for r in replies] == ["basel", "geneva", "zurich"]
+    # the grid really delivered them in another order (the check above is not vacuous)
+    raw = sites._grid.pull_messages(list(sites._grid.sent))  # type: ignore[attr-defined]
+    assert [sites.node_of(r) for r in raw] == [3, 2, 1]
+
+
 def test_sites_that_answer_in_time_stay(task_identity) -> None:
     """Negative control: nobody hung, nobody dropped."""
     sites = SiteGroup(_HungGrid({1, 2}, hung=set()), [1, 2], min_nodes=2, message_timeout=0.3)
