@@ -22,3 +22,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped, but FEDSPATIAL_FORBID_SKIPS=1 forbids skips (install the test extra, provide the data): {reason}"
+
+
+@pytest.fixture
+def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run, task and node ids Flower gives a ServerApp process: ``Message()`` reads
+    them, so unit tests that build server messages outside Flower need them set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)

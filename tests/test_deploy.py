@@ -36,7 +36,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from fake_grid import FakeGrid
+from flwr.app import Error, Message
 
 from fedspatial.deployment.certificates import (
     check_auth_key,
@@ -614,45 +615,23 @@ def test_warm_executor_preloads_dependencies_not_fedspatial() -> None:
     assert exitcode == "0" and float(seconds) < 5  # a fork, not a Python start-up with imports
 
 
-class _FakeGrid:
+class _FailingGrid(FakeGrid):
     """Replies at once; nodes in ``dead`` answer with Flower's node-unavailable error."""
 
     def __init__(self, online: set[int], dead: set[int]) -> None:
-        self.online, self.dead, self.sent = online, dead, {}
+        super().__init__(online)
+        self.dead = dead
 
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.online)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            mid = f"m{len(self.sent)}-{m.metadata.dst_node_id}"
-            m.metadata.__dict__["_message_id"] = mid
-            self.sent[mid] = m
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids):
-        out = []
-        for mid in ids:
-            m = self.sent[mid]
-            if m.metadata.dst_node_id in self.dead:
-                out.append(Message(Error(code=3, reason="Node Unavailable"), reply_to=m))
-            else:
-                out.append(Message(RecordDict({"config": ConfigRecord({"ok": 1})}), reply_to=m))
-        return out
+    def answer(self, message: Message) -> Message:
+        if message.metadata.dst_node_id in self.dead:
+            return Message(Error(code=3, reason="Node Unavailable"), reply_to=message)
+        return super().answer(message)
 
 
-def test_site_group_drops_failed_sites_until_too_few_remain(monkeypatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
+def test_site_group_drops_failed_sites_until_too_few_remain(flower_task_identity) -> None:
     from fedspatial.server.messaging import SiteError, SiteGroup, ask
 
-    # Message() reads the identity Flower gives a ServerApp process.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    grid = _FakeGrid({1, 2, 3}, dead={3})
+    grid = _FailingGrid({1, 2, 3}, dead={3})
     sites = SiteGroup(grid, [1, 2, 3], min_nodes=2, patience=0.2, hint="checkpoint kept")
     sites.names = {1: "a", 2: "b", 3: "c"}
     # Flower's own error replies come from the SuperLink, not the site: attributed by message id.
@@ -663,7 +642,7 @@ def test_site_group_drops_failed_sites_until_too_few_remain(monkeypatch) -> None
     with pytest.raises(SiteError, match=r"only 1 site\(s\) left, fewer than min-nodes=2(.|\n)*- b: (.|\n)*checkpoint kept"):
         ask(sites, sites.nodes, "describe")
     # Too few online for longer than `patience`: an error instead of Flower's endless wait.
-    late = SiteGroup(_FakeGrid({1}, set()), [1, 2], min_nodes=2, patience=0.2)
+    late = SiteGroup(_FailingGrid({1}, set()), [1, 2], min_nodes=2, patience=0.2)
     assert late.get_node_ids() == [1]
     time.sleep(0.3)
     with pytest.raises(SiteError, match="only 1 site"):

@@ -41,13 +41,8 @@ from fedspatial.shared.protocol.payload import Payload
 
 
 @pytest.fixture(autouse=True)
-def _run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Flower stamps messages with the current run and task; a ServerApp has them set.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+def _run_identity(flower_task_identity) -> None:
+    """Flower stamps messages with the current run and task; a ServerApp has them set."""
 
 
 # Fewer rounds than harmonypy's defaults (5 blocks per pass, 3 iterations), same code paths.

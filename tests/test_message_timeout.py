@@ -7,47 +7,26 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from fake_grid import FakeGrid
+from flwr.app import Message, RecordDict
 
 from fedspatial.server import federation
 from fedspatial.server.messaging import SiteError, SiteGroup, ask
 from fedspatial.shared.config import ConfigError, ExperimentConfig
 
 
-class _HungGrid:
+class _HungGrid(FakeGrid):
     """Nodes in ``hung`` never reply; the others reply at once."""
 
     def __init__(self, online: set[int], hung: set[int]) -> None:
-        self.online, self.hung, self.sent = online, hung, {}
+        super().__init__(online)
+        self.hung = hung
 
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.online)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            mid = f"m{len(self.sent)}-{m.metadata.dst_node_id}"
-            m.metadata.__dict__["_message_id"] = mid
-            self.sent[mid] = m
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids):
-        return [Message(RecordDict({"config": ConfigRecord({"ok": 1})}), reply_to=self.sent[mid])
-                for mid in ids if self.sent[mid].metadata.dst_node_id not in self.hung]
+    def answer(self, message: Message) -> Message | None:
+        return None if message.metadata.dst_node_id in self.hung else super().answer(message)
 
 
-@pytest.fixture
-def task_identity(monkeypatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    # Message() reads the identity Flower gives a ServerApp process.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-def test_hung_site_is_dropped_after_the_message_timeout(task_identity) -> None:
+def test_hung_site_is_dropped_after_the_message_timeout(flower_task_identity) -> None:
     sites = SiteGroup(_HungGrid({1, 2, 3}, hung={3}), [1, 2, 3], min_nodes=2, message_timeout=0.3)
     sites.names = {1: "a", 2: "b", 3: "c"}
     start = time.monotonic()
@@ -72,7 +51,7 @@ class _ReversedGrid(_HungGrid):
         return list(reversed(super().pull_messages(ids)))
 
 
-def test_replies_come_back_in_site_name_order_whatever_the_arrival_order(task_identity) -> None:
+def test_replies_come_back_in_site_name_order_whatever_the_arrival_order(flower_task_identity) -> None:
     # Flower's FedAvg sums replies in list order: arrival order would make float sums,
     # hence the model, depend on which site answered first.
     sites = SiteGroup(_ReversedGrid({1, 2, 3}, hung=set()), [1, 2, 3], min_nodes=3)
@@ -84,7 +63,7 @@ def test_replies_come_back_in_site_name_order_whatever_the_arrival_order(task_id
     assert [sites.node_of(r) for r in raw] == [3, 2, 1]
 
 
-def test_sites_that_answer_in_time_stay(task_identity) -> None:
+def test_sites_that_answer_in_time_stay(flower_task_identity) -> None:
     """Negative control: nobody hung, nobody dropped."""
     sites = SiteGroup(_HungGrid({1, 2}, hung=set()), [1, 2], min_nodes=2, message_timeout=0.3)
     assert sorted(ask(sites, sites.nodes, "describe")) == [1, 2]

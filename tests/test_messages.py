@@ -144,13 +144,10 @@ def _walk(node: Any, cells: set[int], where: tuple[str, str]) -> None:
             _walk(v, cells, where)
 
 
-def test_the_inspection_catches_cells(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_inspection_catches_cells(flower_task_identity) -> None:
     """The check can fail: an array or a config list as long as a section is caught."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
     request = Message(RecordDict(), dst_node_id=1, message_type="query.embed")
     request.metadata.__dict__["_message_id"] = "m1"
 

@@ -32,13 +32,8 @@ from fedspatial.shared.protocol.payload import Payload, PayloadError
 
 
 @pytest.fixture
-def _run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Flower stamps messages with the current run and task; a ServerApp has them set.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+def _run_identity(flower_task_identity) -> None:
+    """Flower stamps messages with the current run and task; a ServerApp has them set."""
 
 
 def test_phases_run_in_the_documented_order() -> None:

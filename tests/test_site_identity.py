@@ -5,6 +5,7 @@ name its key was registered with and refuses a second node claiming the same sit
 from __future__ import annotations
 
 import pytest
+from fake_grid import FakeGrid
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 
@@ -17,45 +18,28 @@ from fedspatial.shared.phases.describe import Describe
 FIX = "flwr supernode register KEY.pub CONNECTION --name SITE"
 
 
-class _Grid:
+class _Grid(FakeGrid):
     """Each node answers describe as the site it claims; ``registered``: names of the keys."""
 
     def __init__(self, claims: dict[int, str], registered: dict[int, str]) -> None:
-        self.claims, self.registered, self.sent = claims, registered, {}
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.claims)
+        super().__init__(claims)
+        self.claims, self.registered = claims, registered
 
     def get_nodes(self):
         return [NodeInfo(node_id=n, name=self.registered.get(n, "")) for n in sorted(self.claims)]
 
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            mid = f"m{len(self.sent)}"
-            m.metadata.__dict__["_message_id"] = mid
-            self.sent[mid] = m
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids):
-        out = []
-        for mid in ids:
-            node = self.sent[mid].metadata.dst_node_id
-            config = {"site": self.claims[node], "sections": [f"{self.claims[node]}/s{node}"], "section-sites": [self.claims[node]],
-                      "section-sizes": [10 + node], "section-features": "{}", "labels": ["x"]}
-            content = RecordDict({"config": ConfigRecord(config), "metrics": MetricRecord({"num-examples": 10 + node})})
-            out.append(Message(content, reply_to=self.sent[mid]))
-        return out
+    def answer(self, message: Message) -> Message:
+        site = self.claims[message.metadata.dst_node_id]
+        node = message.metadata.dst_node_id
+        config = {"site": site, "sections": [f"{site}/s{node}"], "section-sites": [site],
+                  "section-sizes": [10 + node], "section-features": "{}", "labels": ["x"]}
+        content = RecordDict({"config": ConfigRecord(config), "metrics": MetricRecord({"num-examples": 10 + node})})
+        return Message(content, reply_to=message)
 
 
 @pytest.fixture(autouse=True)
-def _task_identity(monkeypatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def _task_identity(flower_task_identity) -> None:
+    """Every test here builds server messages."""
 
 
 def _describe(claims: dict[int, str], registered: dict[int, str], min_nodes: int = 1) -> tuple[SiteGroup, Run]:

@@ -10,13 +10,8 @@ from fedspatial.strategies import SpatialFedAvg
 
 
 @pytest.fixture(autouse=True)
-def _run_identity(monkeypatch):
-    # Flower stamps messages with the current run and task; a ServerApp has them set.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+def _run_identity(flower_task_identity) -> None:
+    """Flower stamps messages with the current run and task; a ServerApp has them set."""
 
 
 class _Grid:
