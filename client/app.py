@@ -5,6 +5,9 @@ the site half of the phase that owns it (:func:`fedspatial.shared.phases.phase_f
 on this site's private data (:mod:`fedspatial.client.site`); replies hold model arrays,
 aggregates or metrics only: no per-cell data ever leaves the site, and no path of the
 site's folders (:func:`~fedspatial.shared.protocol.site_paths.strip_site_paths`).
+Before a phase computes anything, the request is checked against the site's own policy
+(:mod:`fedspatial.shared.privacy.policy`): one that breaks it gets an error reply
+(code :data:`~fedspatial.shared.privacy.policy.SITE_POLICY_ERROR`) naming the field.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ from fedspatial.records import from_recorddict, to_recorddict
 from fedspatial.shared.models import build_model
 from fedspatial.shared.phases import all_queries, phase_for
 from fedspatial.shared.privacy.dp import PRIVACY_BUDGET_ERROR, PrivacyBudgetExceeded
+from fedspatial.shared.privacy.policy import (
+    NO_POLICY_WARNING,
+    SITE_POLICY_ERROR,
+    SitePolicyError,
+    refusal,
+    withhold_small_tables,
+)
 from fedspatial.shared.protocol.names import Query, message_type
 from fedspatial.shared.protocol.site_paths import strip_site_paths
 
@@ -85,18 +95,51 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
 app = ClientApp(mods=[secagg_mod, central_dp_mod])
 
 
+def _refuse(msg: Message, reason: str) -> Message:
+    """An error reply (nothing computed, nothing sent) and a clear line in the hospital's log."""
+    logger.warning("SITE POLICY REFUSAL: %s", reason)
+    return Message(Error(code=SITE_POLICY_ERROR, reason=reason), reply_to=msg)
+
+
+_told_no_policy = False
+
+
+def _warn_no_policy() -> None:
+    global _told_no_policy
+    if not _told_no_policy:
+        _told_no_policy = True
+        logger.warning("%s", NO_POLICY_WARNING)
+
+
 def _handler(query: str) -> Callable[[Message, Context], Message]:
     phase = phase_for(query)
 
     def handle(msg: Message, context: Context) -> Message:
         config = msg.content.config_records.get("config")
-        site = site_for(run_config_of(config, context), context)
         try:
-            reply = phase.answer(site, query, from_recorddict(msg.content))
+            site = site_for(run_config_of(config, context), context)
+        except SitePolicyError as err:  # the policy file went missing or bad: refuse everything
+            who = context.node_config.get("site-name", context.node_config.get("partition-id", "?"))
+            return _refuse(msg, f"site {who} refuses {message_type(query)}: {err}")
+        request = from_recorddict(msg.content)
+        policy = site.node.policy
+        if policy is None:
+            _warn_no_policy()
+        else:  # the site's own limits, whatever the server asks; checked before anything is computed
+            why = refusal(policy, query, site.cfg, request)
+            if why is not None:
+                return _refuse(msg, f"site {site.name} refuses {message_type(query)} by its site policy: {why}")
+        try:
+            reply = phase.answer(site, query, request)
         except PrivacyBudgetExceeded as err:
             # A refusal, not a crash: the server logs the reason and stops or goes on without us.
             logger.warning("%s", err)
             return Message(Error(code=PRIVACY_BUDGET_ERROR, reason=str(err)), reply_to=msg)
+        if policy is not None:
+            reply, withheld = withhold_small_tables(policy, reply)
+            if withheld:
+                logger.warning("SITE POLICY: %s withheld %s from its %s reply (a cell below min-cell-count=%d)",
+                               site.name, ", ".join(withheld), message_type(query), policy.min_cell_count)
         # Whatever a phase reports, the hospital's own paths stay here (relative ones go).
         return Message(content=to_recorddict(strip_site_paths(reply, site.private_roots)), reply_to=msg)
 

@@ -158,10 +158,12 @@ class SiteRuntime:
 
     @property
     def budget(self) -> float:
-        """The stricter of the run's budget and the site's own (node config)."""
+        """The strictest of the run's budget, the site's own (node config) and its site
+        policy's ``max-epsilon``."""
         p = self.cfg.privacy
         run_budget = p.budget_epsilon or p.target_epsilon
-        return min(run_budget, self.node.privacy_budget or run_budget)
+        cap = self.node.policy.max_epsilon if self.node.policy is not None else None
+        return min(run_budget, self.node.privacy_budget or run_budget, cap or run_budget)
 
     def ledger(self) -> PrivacyLedger:
         """The site's ledger: from the run's state, else from the ledger file of this run

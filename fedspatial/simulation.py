@@ -73,6 +73,19 @@ def _spec_dict(spec: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
+def check_site_policies(manifest: dict[str, Any]) -> None:
+    """Validate every site's ``policy`` entry before anything runs (as ``fedspatial client
+    --policy`` does at start-up) and log what each site enforces."""
+    from fedspatial.shared.privacy.policy import policy_from_entry
+
+    sites = [s for node in manifest["nodes"] for s in node["sites"]]
+    for site in sites:
+        if site.get("policy") is not None:
+            logger.info("site policy of %s: %s", site["name"], policy_from_entry(site["policy"]).summary())
+    if not any(s.get("policy") is not None for s in sites):
+        logger.info("no site policies in the manifest: the run config decides at every simulated site")
+
+
 def node_groups(manifest: dict[str, Any], mode: str) -> list[tuple[str, list[dict[str, Any]]]]:
     """``[(simulation name, nodes)]`` for a mode; each node is ``{"name", "sites"}``."""
     sites = [s for node in manifest["nodes"] for s in node["sites"]]
@@ -102,7 +115,8 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, sim_name: str, nodes: list[dic
             "results-dir": str(sim_dir.parent),
             "run-name": sim_dir.name,
             "manifest": str(manifest_path),
-            "min-nodes": len(nodes),
+            # every simulated site must answer, unless the config's min-nodes allows fewer
+            "min-nodes": min(cfg.training.min_nodes, len(nodes)) or len(nodes),
             "resume": resume,
         }
     )
@@ -171,6 +185,7 @@ def simulate(
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(ensure_federation(cfg))
+    check_site_policies(manifest)
     import yaml
 
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

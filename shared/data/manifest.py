@@ -5,7 +5,9 @@ Format (JSON)::
     {"nodes": [{"name": "hospital_a", "sites": [{"name": "hospital_a", "data-path": "a/"}]}]}
 
 or a synthetic federation's ``{"sites": [{"name", "data-path"}]}`` (one site per node).
-Relative data paths resolve against the manifest's folder.
+A site may carry a ``policy``: its site policy, a TOML file or an inline table
+(:mod:`fedspatial.shared.privacy.policy`). Relative data and policy paths resolve against
+the manifest's folder.
 """
 
 from __future__ import annotations
@@ -38,4 +40,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         for site in node["sites"]:
             p = Path(site["data-path"])
             site["data-path"] = str(p if p.is_absolute() else (base / p).resolve())
+        for entry in node["sites"]:  # a site policy file, like the data, relative to the manifest
+            if isinstance(entry.get("policy"), str):
+                p = Path(entry["policy"]).expanduser()
+                entry["policy"] = str(p if p.is_absolute() else (base / p).resolve())
     return raw
