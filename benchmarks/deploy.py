@@ -243,6 +243,8 @@ def markdown(result: dict[str, Any]) -> str:
     meta, rows, machine = result["meta"], result["rows"], result["machine"]
     cfg = " ".join(f"{k}={v}" for k, v in meta["run_config"].items())
     warm = meta["warm_executor"]
+    measured = max(r["deployment"]["messages_per_site"] for r in rows)
+    fixed = measured - 2 * int(meta["run_config"]["num-rounds"]) - 1
     lines = [
         "# Deployed vs simulated: the same 2-round run",
         "",
@@ -287,9 +289,11 @@ def markdown(result: dict[str, Any]) -> str:
         "sequential steps waits on average half of that, plus the exchanges of the ClientApp "
         "process with its SuperNode and of the SuperNode with the SuperLink. Simulation keeps "
         "one warm process per site and hands messages over in memory.",
-        "- A run sends `6 + 2 x num-rounds + k-means iterations` messages to each site. With "
-        "`configs/demo.yaml` (30 rounds, up to 100 k-means iterations) that is up to 166 "
-        "messages: budget for it, or cap `kmeans-max-iter` / set `kmeans-tol` (deploy/run.yaml).",
+        f"- Messages per site: a fixed number per run, plus 2 per round (train, evaluate) and 1 per "
+        f"k-means iteration. This run sent {measured}; with at least one k-means iteration in it, the "
+        f"fixed part is at most {fixed}, so `configs/demo.yaml` (30 rounds, up to 100 k-means "
+        f"iterations) sends up to {fixed + 2 * 30 + 100} messages to each site: budget for it, or cap "
+        "`kmeans-max-iter` / set `kmeans-tol` (deploy/run.yaml).",
         "- Joint ARIs differ slightly because each site's training seed includes its name in a "
         "deployment and its partition id in simulation; 2 rounds x 1 epoch is a timing run, "
         "not a quality benchmark (see backbone.md).",
