@@ -9,6 +9,7 @@ Deployment (see deploy/README.md):
 ``fedspatial server``             the coordinating center's SuperLink (TLS, node auth, database)
 ``fedspatial client``             a hospital's SuperNode (outbound connection only)
 ``fedspatial keygen NAME``        a hospital's authentication key pair
+``fedspatial app-hash PATH``      an app bundle's hash, for a hospital's --allowed-apps
 ``fedspatial submit CONFIG``      submit an experiment config, stream its log, save its report
 ``fedspatial results RUN_ID``     follow a submitted run again and save its report
 """
@@ -142,8 +143,20 @@ def _cmd_client(args: argparse.Namespace) -> int:
             spatial_key=args.spatial_key,
             label_key=args.label_key,
             clientapp_runner=args.clientapp_runner,
+            allowed_apps=tuple(args.allowed_apps or ()),
+            allow_app=tuple(args.allow_app or ()),
+            policy=args.policy,
         )
     )
+
+
+def _cmd_app_hash(args: argparse.Namespace) -> int:
+    from fedspatial.deployment.app_pinning import app_hash
+
+    for path in args.path:
+        digest, what = app_hash(Path(path))
+        print(f"{digest}  # {what}")  # a line of an --allowed-apps file
+    return 0
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -245,7 +258,23 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
                      help="warm (default): run each message's ClientApp in a process forked from one "
                      "that has imported it already (seconds faster per message); flower: Flower's own "
                      "executor starts a fresh flwr-clientapp process per message")
+    cli.add_argument("--allowed-apps", action="append", type=Path, metavar="FILE",
+                     help="run only app bundles whose SHA-256 is listed in FILE (one hash per line, "
+                     "'#' comments; `fedspatial app-hash`; repeatable). Default: any app the center submits")
+    cli.add_argument("--allow-app", action="append", metavar="SHA256",
+                     help="allow this app bundle hash (repeatable; with or instead of --allowed-apps)")
+    cli.add_argument("--policy", type=Path, metavar="FILE",
+                     help="this site's own limits (TOML: require-local-dp, max-epsilon, max-delta, "
+                     "allowed-label-keys, min-cell-count, max-rounds, allow-unnoised-releases; deploy/README.md). "
+                     "A message that breaks one is refused. Default: none, the server's run config decides")
     cli.set_defaults(func=_cmd_client)
+
+    aph = sub.add_parser("app-hash", help="hospital: print an app bundle's SHA-256 for --allowed-apps",
+                         description="Print the SHA-256 of a Flower App bundle: a .fab file (`flwr build`) "
+                         "or an app folder, bundled exactly as `flwr run` / `fedspatial submit` do. "
+                         "Each output line is a line of an --allowed-apps file.")
+    aph.add_argument("path", nargs="+", help=".fab file or app folder (a checkout of the reviewed version)")
+    aph.set_defaults(func=_cmd_app_hash)
 
     key = sub.add_parser("keygen", help="hospital: make the SuperNode authentication key pair",
                          description="Write NAME.key (private, stays here, mode 600) and NAME.pub "

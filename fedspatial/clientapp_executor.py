@@ -21,6 +21,12 @@ SuperNode in the node's Context, exactly as ``flwr-clientapp``; only the start-u
 installed fedspatial, into every task process). ``fedspatial client`` starts it next to
 ``flower-supernode`` (``--clientapp-runner warm``, the default); ``--clientapp-runner
 flower`` keeps Flower's own executor.
+
+With an allow-list of app bundle hashes (``--allow-app SHA256``, from ``fedspatial client
+--allowed-apps``), a task whose bundle is not listed is refused before anything is forked
+for it: the executor pulls the task's input itself, recomputes the bundle's SHA-256 from its
+bytes, replies to the message with an error naming the hash and fails the task, as Flower
+fails a ClientApp (:mod:`fedspatial.deployment.app_pinning`).
 """
 
 from __future__ import annotations
@@ -60,9 +66,12 @@ def _probe() -> None:
 class WarmExecutor:
     """Acquire ClientApp tasks from a SuperNode and run each in a forked, warm process."""
 
-    def __init__(self, runtime_api_address: str, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+    def __init__(self, runtime_api_address: str, *, poll_interval: float = DEFAULT_POLL_INTERVAL,
+                 allowed: frozenset[str] | None = None) -> None:
         self.address = runtime_api_address
         self.poll_interval = poll_interval
+        self.allowed = allowed
+        """SHA-256 hashes of the app bundles that may run; ``None``: any."""
         self.running: dict[str, BaseProcess] = {}
         self.stopping = threading.Event()
         self._lock = threading.Lock()  # launch (polling thread) vs. shutdown (main thread)
@@ -71,6 +80,10 @@ class WarmExecutor:
     def warm_up(self) -> float:
         """Start the fork server and import the ClientApp in it; returns the seconds taken."""
         start = time.perf_counter()
+        if self.allowed is not None:  # the fork server (started now) checks again before unpacking
+            from fedspatial.deployment.app_pinning import ALLOW_ENV
+
+            os.environ[ALLOW_ENV] = ",".join(sorted(self.allowed))
         self._ctx.set_forkserver_preload([PRELOAD])
         multiprocessing.forkserver.ensure_running()
         # The fork server imports the preload before it serves the first request: the
@@ -85,19 +98,65 @@ class WarmExecutor:
             )
         return time.perf_counter() - start
 
-    def _client(self) -> Any:
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    def _client(self, token: str | None = None) -> Any:
+        from flwr.supercore.interceptors import (
+            RuntimeTokenHttpInterceptor,
+            RuntimeVersionHttpInterceptor,
+        )
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
 
+        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if token is not None:  # one task's own calls (a refusal)
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
         return RuntimeHttpClient.from_server_address(
             server_address=self.address,
             insecure=True,
             root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+            interceptors=interceptors,
             # Retries until the SuperNode's Runtime API answers (it may start after us).
             retry_invoker=make_simple_http_retry_invoker(),
         )
+
+    def admit(self, token: str, task: Any) -> bool:
+        """Whether the task's app bundle may run; an unlisted one is refused here (no fork).
+
+        ``task.fab_hash`` is the key under which this SuperNode stored the bundle after
+        recomputing its SHA-256 from the bytes (Flower's ``NodeState.store_fab``);
+        :meth:`refuse` recomputes it once more from the bytes it pulls.
+        """
+        if self.allowed is None or task.fab_hash in self.allowed:
+            return True
+        self.refuse(token, task)
+        return False
+
+    def refuse(self, token: str, task: Any) -> None:
+        """Fail the task as Flower fails a ClientApp: an error reply, then status FAILED."""
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supernode.runtime import run_clientapp as flower
+
+        from fedspatial.deployment.app_pinning import fab_sha256, refusal_reason
+
+        digest = task.fab_hash
+        reason = refusal_reason(digest)
+        client = self._client(token)
+        context = None
+        try:
+            message, context, run, fab = flower.pull_task_input(client)
+            digest = fab_sha256(fab.content)  # the bytes, not the hash field sent with them
+            reason = refusal_reason(digest)
+            flower.push_message(client, Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message),
+                                context)
+            logger.error("REFUSED run %s (task %d): app bundle sha256:%s is not on this hospital's allow-list; "
+                         "nothing was run. To approve it, review the new version and add its hash to the "
+                         "--allowed-apps file (deploy/README.md)", run.run_id, task.task_id, digest)
+        except Exception as err:  # the task is failed below in any case
+            logger.error("REFUSED task %d: app bundle sha256:%s is not on this hospital's allow-list "
+                         "(the error reply could not be sent: %s)", task.task_id, digest, err)
+        finally:
+            flower.push_task_output(client, context, SubStatus.FAILED, reason)
+            client.close()
 
     def launch(self, token: str, task_id: int) -> None:
         from flwr.supernode.runtime.run_clientapp import run_clientapp
@@ -145,7 +204,8 @@ class WarmExecutor:
                 self.reap()
                 res = client.AcquireTask(request)
                 if res.HasField("task") and res.token:
-                    self.launch(res.token, res.task.task_id)
+                    if self.admit(res.token, res.task):
+                        self.launch(res.token, res.task.task_id)
                     continue  # another task may be waiting (several runs)
                 self.stopping.wait(self.poll_interval)
         finally:
@@ -189,10 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, 127.0.0.1:PORT")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL)
+    parser.add_argument("--allow-app", action="append", metavar="SHA256",
+                        help="run only app bundles with these hashes (repeatable; default: any)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task request otherwise
-    executor = WarmExecutor(args.runtime_api_address, poll_interval=args.poll_interval)
+    allowed = None
+    if args.allow_app:
+        from fedspatial.deployment.app_pinning import normalize_hash
+
+        allowed = frozenset(normalize_hash(h, "--allow-app") for h in args.allow_app)
+        logger.info("app allow-list: only %d app bundle hash(es) run here", len(allowed))
+    executor = WarmExecutor(args.runtime_api_address, poll_interval=args.poll_interval, allowed=allowed)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: executor.stop())
     if args.parent_pid is not None:

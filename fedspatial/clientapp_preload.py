@@ -7,6 +7,11 @@ own modules, so that it imports the ClientApp afresh from the run's Flower App b
 as ``flwr-clientapp`` does: re-importing fedspatial's own modules takes a fifth of a
 second, their third-party imports are what takes seconds. The outcome is left in the
 environment variable :data:`STATUS_ENV`, which the forked processes inherit.
+
+With an app allow-list (environment variable ``FEDSPATIAL_ALLOWED_APPS``, set by the
+executor), Flower's ``install_from_fab`` is wrapped in every task process so that it
+recomputes the bundle's hash and refuses an unlisted one before unpacking it: a second
+check behind the executor's, which refuses such a task before forking.
 """
 
 from __future__ import annotations
@@ -25,6 +30,16 @@ def _forget_fedspatial() -> None:
         del sys.modules[name]
 
 
+def _pin_apps() -> None:
+    from fedspatial.deployment.app_pinning import ALLOW_ENV, guard_install
+
+    if allowed := os.environ.get(ALLOW_ENV):
+        from flwr.supernode.runtime import run_clientapp
+
+        run_clientapp.install_from_fab = guard_install(  # type: ignore[attr-defined]
+            run_clientapp.install_from_fab, frozenset(allowed.split(",")))  # type: ignore[attr-defined]
+
+
 def _preload() -> None:
     try:
         import flwr.cli.install  # what a task process runs around the ClientApp
@@ -35,6 +50,7 @@ def _preload() -> None:
         from fedspatial.shared.plots import _pyplot
 
         _pyplot()  # matplotlib (query.finalize)
+        _pin_apps()
     except Exception:  # reported by the executor's probe; the fork server would swallow it
         os.environ[STATUS_ENV] = "failed: " + traceback.format_exc()
     else:

@@ -234,9 +234,51 @@ class ClientOptions:
     clientapp_runner: str = "warm"
     """``warm``: :mod:`fedspatial.clientapp_executor` runs the ClientApps from a preloaded
     fork server; ``flower``: Flower's own SuperExec starts ``flwr-clientapp`` per message."""
+    allowed_apps: tuple[Path, ...] = ()
+    """Allow-list files of app bundle hashes (:mod:`fedspatial.deployment.app_pinning`)."""
+    allow_app: tuple[str, ...] = ()
+    """Allowed app bundle hashes given on the command line."""
+    policy: Path | None = None
+    """The site policy file (:mod:`fedspatial.shared.privacy.policy`); ``None``: the run config decides."""
 
 
 CLIENTAPP_RUNNERS = ("warm", "flower")
+
+
+def client_allow_list(opts: ClientOptions) -> dict[str, str] | None:
+    """The hospital's allowed app bundle hashes (``None``: any bundle runs).
+
+    Raises
+    ------
+    DeployError
+        A bad allow-list (see :func:`load_allow_list`), or one with ``--clientapp-runner
+        flower``: Flower 1.42's own runner cannot check a bundle's hash (its
+        ``--trusted-entities`` verifies only bundles signed through Flower Hub).
+    """
+    from fedspatial.deployment.app_pinning import load_allow_list
+
+    allowed = load_allow_list(opts.allowed_apps, opts.allow_app)
+    if allowed is not None and opts.clientapp_runner != "warm":
+        raise DeployError(
+            "--allowed-apps/--allow-app need --clientapp-runner warm (the default): Flower's own runner "
+            "cannot pin app bundles by hash (its --trusted-entities only verifies bundles signed "
+            "through Flower Hub, not one submitted with `flwr run`)"
+        )
+    return allowed
+
+
+def client_policy(opts: ClientOptions) -> Path | None:
+    """Validate the site policy file strictly (before anything connects) and log what it
+    enforces, or say loudly that there is none; returns its absolute path."""
+    from fedspatial.shared.privacy.policy import NO_POLICY_WARNING, load_policy
+
+    if opts.policy is None:
+        logger.warning("%s", NO_POLICY_WARNING)
+        return None
+    path = Path(opts.policy).expanduser().resolve()
+    policy = load_policy(path)  # SitePolicyError (a ConfigError): `fedspatial client` stops here
+    logger.info("site policy %s (re-read at every message; a message that breaks it is refused): %s", path, policy.summary())
+    return path
 
 
 def supernode_command(opts: ClientOptions) -> list[str]:
@@ -250,6 +292,8 @@ def supernode_command(opts: ClientOptions) -> list[str]:
         See :func:`check_auth_key`, :func:`check_site_data`, :func:`check_superlink`.
     """
     host, port = parse_address(opts.superlink)
+    client_allow_list(opts)
+    policy = client_policy(opts)
     ca = Path(opts.ca_cert).expanduser().resolve()
     load_certificate(ca, "CA certificate")
     key = check_auth_key(opts.auth_key).resolve()
@@ -264,6 +308,8 @@ def supernode_command(opts: ClientOptions) -> list[str]:
         node_config.append(f"output-path={_toml_string(str(out), 'output path')}")
     else:
         _check_writable_dir(data.parent / "fedspatial-results", "output folder")
+    if policy is not None:
+        node_config.append(f"policy-path={_toml_string(str(policy), 'policy path')}")
     if not port_free("127.0.0.1", opts.runtime_port):
         raise DeployError(
             f"local port {opts.runtime_port} (this SuperNode's Runtime API, 127.0.0.1 only) is in use: "
@@ -294,6 +340,7 @@ def executor_command(opts: ClientOptions) -> list[str]:
         sys.executable, "-c", LAUNCH_COMMAND,
         "--runtime-api-address", f"127.0.0.1:{opts.runtime_port}",
         "--parent-pid", str(os.getpid()),
+        *[arg for h in sorted(client_allow_list(opts) or {}) for arg in ("--allow-app", h)],
     ]
 
 
@@ -305,6 +352,14 @@ def run_client(opts: ClientOptions) -> int:
         k: v.format(auth_key=opts.auth_key, auth_pub=pub, auth_pub_name=pub.name, ca_cert=opts.ca_cert)
         for k, v in SUPERNODE_EXIT_HELP.items()
     }
+    allowed = client_allow_list(opts)
+    if allowed is None:
+        from fedspatial.deployment.app_pinning import NO_ALLOW_LIST_WARNING
+
+        logger.warning(NO_ALLOW_LIST_WARNING)
+    else:
+        logger.info("app allow-list: only these app bundles run here:\n  %s",
+                    "\n  ".join(f"{h}  {c}".rstrip() for h, c in sorted(allowed.items())))
     logger.info("connecting to the SuperLink at %s (outbound only)", opts.superlink)
     helpers = {"the ClientApp executor": executor_command(opts)} if opts.clientapp_runner == "warm" else {}
     return run_child(
