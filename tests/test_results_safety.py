@@ -137,3 +137,19 @@ def test_site_replies_carry_no_absolute_paths(tmp_path: Path) -> None:
     assert clean.config["files"] == ["ledger.json"] and clean.config["n"] == 3
     # negative control: the report as finalize writes it does hold the paths
     assert str(out) in reply.config["report"]  # type: ignore[operator]
+
+
+def test_submit_fails_when_the_run_report_does_not_come_back(tmp_path: Path, monkeypatch, caplog) -> None:
+    """`flwr run` exits 0 but the log holds no run report (the ServerApp stopped early):
+    `fedspatial submit` must not report success to a script that submitted the run."""
+    monkeypatch.chdir(tmp_path)
+    fake_flwr = tmp_path / "flwr"  # stands in for `flwr run APP --stream`: a log and exit 0
+    fake_flwr.write_text(f"#!{sys.executable}\nprint('INFO : run log without a report')\n")
+    fake_flwr.chmod(fake_flwr.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(submit, "flower_binary", lambda name: str(fake_flwr))
+    config = tmp_path / "run.yaml"
+    config.write_text("run-name: r1\n")
+    root = Path(__file__).resolve().parents[1]
+    code = submit.run_submit(config, overrides={}, connection="c", superlink=None, ca_cert=None, app_dir=root)
+    assert code == 1 and "report did not come back" in caplog.text
+    assert not (tmp_path / "results").exists()

@@ -157,11 +157,12 @@ def run_submit(
         )
         return code
     if bundle is None:
-        logger.warning(
+        # A script that submits runs must see this as a failure, not a finished run.
+        logger.error(
             "the run ended but its report did not come back (the ServerApp stopped before the end, "
             "or the center runs another fedspatial version); results at the coordinating center: %s/", target,
         )
-        return 0
+        return 1
     saved = save_results(bundle, local)
     logger.info(
         "run finished. Report saved to %s (%s); at the coordinating center: %s/ (also model/, "
