@@ -211,10 +211,9 @@ from test_deploy import (  # noqa: E402  # the deployment suite's fixtures and h
     BIN,
     CONNECTION,
     Deployment,
-    _marked_processes,
-    _stop_tree,
     _wait_for,
     material,  # noqa: F401  # a fixture
+    stop_all,
 )
 
 
@@ -288,13 +287,4 @@ def test_unlisted_app_is_refused_before_it_runs_and_a_listed_one_runs(material: 
         assert list((dep.root / "out" / "hospital_b").rglob("*.h5ad"))
         assert any((homes["hospital_b"] / "apps").iterdir())
     finally:
-        for proc in reversed(dep.procs):
-            _stop_tree(proc)
-        import time
-
-        deadline = time.monotonic() + 15
-        while (leftovers := _marked_processes()) and time.monotonic() < deadline:
-            time.sleep(1)
-        for proc in leftovers:
-            proc.kill()
-        assert not leftovers, f"processes left running: {[p.pid for p in leftovers]}"
+        stop_all(dep.procs)

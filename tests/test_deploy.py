@@ -146,6 +146,21 @@ def _stop_tree(popen: subprocess.Popen, sig: int = signal.SIGTERM, grace: float 
     psutil.wait_procs(alive, timeout=10)
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Stop every process a test started (newest first, each with its children, by pid) and
+    check that none of this suite's processes is left running."""
+    for proc in reversed(procs):
+        _stop_tree(proc)
+    # Helpers started after a tree was listed exit once their parent is gone.
+    deadline = time.monotonic() + 15
+    while (leftovers := _marked_processes()) and time.monotonic() < deadline:
+        time.sleep(1)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    assert not leftovers, f"processes left running: {[p.pid for p in leftovers]}"
+
+
 def _wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 1.0) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -348,16 +363,7 @@ def deployment(material: Deployment) -> Iterator[Deployment]:
             raise AssertionError(f"{err}\n{tails}\n--- server:\n{dep.log('server.log')[-1500:]}") from None
         yield dep
     finally:
-        for proc in reversed(dep.procs):
-            _stop_tree(proc)
-        # Helpers started after a tree was listed exit once their parent is gone.
-        deadline = time.monotonic() + 15
-        while (leftovers := _marked_processes()) and time.monotonic() < deadline:
-            time.sleep(1)
-        for proc in leftovers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        assert not leftovers, f"processes left running: {[p.pid for p in leftovers]}"
+        stop_all(dep.procs)
 
 
 # ----------------------------------------------------------------------------- checks without processes
