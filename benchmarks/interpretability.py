@@ -76,10 +76,11 @@ REPEATS = (
     "three earlier runs of this script with the same seed 0 on this machine gave different partitions (joint ARI "
     "0.511, 0.512, 0.525; Layer4 or Layer2 left without a domain of its own), 5 of 9 known markers each time "
     "(not always the same ones), ECE 0.342 -> 0.223, 0.338 -> 0.219, 0.343 -> 0.215, and marker scores "
-    "within 1.1e-11 of pooled scanpy every time. The runs are not bitwise reproducible: FedAvg sums the sites' "
-    "replies in the order they arrive, which varies with four sites on two CPUs (checked: two 3-round runs "
-    "differ in the ninth significant digit of the round-2 training loss and list the sites in different orders); "
-    "two sites were reproducible to the last digit."
+    "within 1.1e-11 of pooled scanpy every time. The runs are not bitwise reproducible. FedAvg then summed the "
+    "sites' replies in arrival order; replies now come in site-name order (1d319db), but two later runs of the "
+    "same commit still gave joint ARI 0.512 and 0.525, and their round-1 site losses already differed by 1e-4, "
+    "before any aggregation: the variation arises inside the sites' computation (not found yet; the small "
+    "demo federation is bit-identical run to run)."
 )
 
 
