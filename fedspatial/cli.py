@@ -146,6 +146,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             allowed_apps=tuple(args.allowed_apps or ()),
             allow_app=tuple(args.allow_app or ()),
             policy=args.policy,
+            executor_user=args.executor_user,
         )
     )
 
@@ -254,10 +255,15 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
                      help="seconds to wait for the SuperLink in the pre-flight check (default: 10)")
     cli.add_argument("--spatial-key", default="spatial")
     cli.add_argument("--label-key", default="domain")
-    cli.add_argument("--clientapp-runner", choices=("warm", "flower"), default="warm",
+    cli.add_argument("--clientapp-runner", choices=("warm", "flower", "external"), default="warm",
                      help="warm (default): run each message's ClientApp in a process forked from one "
                      "that has imported it already (seconds faster per message); flower: Flower's own "
-                     "executor starts a fresh flwr-clientapp process per message")
+                     "executor starts a fresh flwr-clientapp process per message; external: the warm "
+                     "executor runs in a unit of its own, as --executor-user (deploy/README.md, Confinement)")
+    cli.add_argument("--executor-user", metavar="USER[:GROUP]",
+                     help="OS user the ClientApps (the run's code) run as; it must not be able to read "
+                     "--auth-key (refused otherwise). warm: fedspatial client, started as root, starts the "
+                     "executor as this user; external: the user of the executor's own unit")
     cli.add_argument("--allowed-apps", action="append", type=Path, metavar="FILE",
                      help="run only app bundles whose SHA-256 is listed in FILE (one hash per line, "
                      "'#' comments; `fedspatial app-hash`; repeatable). Default: any app the center submits")

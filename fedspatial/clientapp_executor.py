@@ -251,15 +251,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL)
     parser.add_argument("--allow-app", action="append", metavar="SHA256",
                         help="run only app bundles with these hashes (repeatable; default: any)")
+    parser.add_argument("--allowed-apps", action="append", metavar="FILE",
+                        help="allow-list files, as `fedspatial client --allowed-apps` (its own unit: "
+                        "--clientapp-runner external)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task request otherwise
     allowed = None
-    if args.allow_app:
-        from fedspatial.deployment.app_pinning import normalize_hash
+    if args.allow_app or args.allowed_apps:
+        from pathlib import Path
 
-        allowed = frozenset(normalize_hash(h, "--allow-app") for h in args.allow_app)
+        from fedspatial.deployment.app_pinning import load_allow_list
+        from fedspatial.deployment.errors import DeployError
+
+        try:
+            listed = load_allow_list(tuple(Path(f) for f in args.allowed_apps or ()), tuple(args.allow_app or ()))
+        except DeployError as err:
+            logger.error("%s", err)
+            return 2
+        allowed = frozenset(listed or ())
         logger.info("app allow-list: only %d app bundle hash(es) run here", len(allowed))
+    else:
+        logger.warning("no app allow-list: any app the center submits runs here (--allowed-apps FILE)")
     executor = WarmExecutor(args.runtime_api_address, poll_interval=args.poll_interval, allowed=allowed)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: executor.stop())

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedspatial.deployment.certificates import (
     check_auth_key,
@@ -16,6 +17,13 @@ from fedspatial.deployment.certificates import (
     check_server_certificates,
     load_certificate,
     public_key_path,
+)
+from fedspatial.deployment.confinement import (
+    ExecutorUser,
+    check_key_confined,
+    executor_process_options,
+    remove_flwr_home,
+    resolve_executor_user,
 )
 from fedspatial.deployment.errors import SUPERLINK_EXIT_HELP, SUPERNODE_EXIT_HELP, DeployError
 from fedspatial.deployment.network import (
@@ -29,7 +37,7 @@ from fedspatial.deployment.network import (
     parse_address,
     port_free,
 )
-from fedspatial.deployment.processes import flower_binary, run_child
+from fedspatial.deployment.processes import flower_binary, flower_env, run_child
 
 logger = logging.getLogger(__name__)
 
@@ -240,9 +248,12 @@ class ClientOptions:
     """Allowed app bundle hashes given on the command line."""
     policy: Path | None = None
     """The site policy file (:mod:`fedspatial.shared.privacy.policy`); ``None``: the run config decides."""
+    executor_user: str | None = None
+    """The OS user the ClientApps run as, who must not read the key (:mod:`fedspatial.deployment.confinement`)."""
 
 
-CLIENTAPP_RUNNERS = ("warm", "flower")
+CLIENTAPP_RUNNERS = ("warm", "flower", "external")
+"""``external``: the executor runs in a unit or container of its own (another user)."""
 
 
 def client_allow_list(opts: ClientOptions) -> dict[str, str] | None:
@@ -258,6 +269,11 @@ def client_allow_list(opts: ClientOptions) -> dict[str, str] | None:
     from fedspatial.deployment.app_pinning import load_allow_list
 
     allowed = load_allow_list(opts.allowed_apps, opts.allow_app)
+    if allowed is not None and opts.clientapp_runner == "external":
+        raise DeployError(
+            "--clientapp-runner external: give --allowed-apps/--allow-app to the executor itself "
+            "(its own unit: deploy/systemd/fedspatial-executor.service), not to `fedspatial client`"
+        )
     if allowed is not None and opts.clientapp_runner != "warm":
         raise DeployError(
             "--allowed-apps/--allow-app need --clientapp-runner warm (the default): Flower's own runner "
@@ -297,6 +313,8 @@ def supernode_command(opts: ClientOptions) -> list[str]:
     ca = Path(opts.ca_cert).expanduser().resolve()
     load_certificate(ca, "CA certificate")
     key = check_auth_key(opts.auth_key).resolve()
+    executor_user = client_executor_user(opts)
+    check_key_confined(key, executor_user)
     data = Path(opts.data_path).expanduser().resolve()
     summary = check_site_data(data, spatial_key=opts.spatial_key, label_key=opts.label_key)
     logger.info("site data %s:\n%s", data, summary)
@@ -304,9 +322,12 @@ def supernode_command(opts: ClientOptions) -> list[str]:
     node_config = [f"data-path={_toml_string(str(data), 'data path')}", f"site-name={_toml_string(site, 'site name')}"]
     if opts.output_path is not None:
         out = Path(opts.output_path).expanduser().resolve()
-        _check_writable_dir(out, "output path")
+        if executor_user is None:
+            _check_writable_dir(out, "output path")
+        else:  # the executor's user writes there, not this one
+            logger.info("output path %s must be writable by the executor's user %s", out, executor_user.spec)
         node_config.append(f"output-path={_toml_string(str(out), 'output path')}")
-    else:
+    elif executor_user is None:
         _check_writable_dir(data.parent / "fedspatial-results", "output folder")
     if policy is not None:
         node_config.append(f"policy-path={_toml_string(str(policy), 'policy path')}")
@@ -328,8 +349,34 @@ def supernode_command(opts: ClientOptions) -> list[str]:
         "--host", "127.0.0.1",
         "--port", str(opts.runtime_port),
         # warm: our executor, not Flower's SuperExec, starts the ClientApps.
-        "--isolation", "process" if opts.clientapp_runner == "warm" else "subprocess",
+        "--isolation", "subprocess" if opts.clientapp_runner == "flower" else "process",
     ]
+
+
+def client_executor_user(opts: ClientOptions) -> ExecutorUser | None:
+    """The ``--executor-user`` (``None``: the ClientApps run as this process's user).
+
+    Raises
+    ------
+    DeployError
+        An unknown user; ``external`` without one (a separate unit must say who it runs as).
+    """
+    if opts.executor_user is None:
+        if opts.clientapp_runner == "external":
+            raise DeployError("--clientapp-runner external needs --executor-user (the user the executor's unit runs as), "
+                              "so that the key can be checked against it")
+        return None
+    if opts.clientapp_runner == "flower":
+        raise DeployError("--executor-user needs --clientapp-runner warm or external (Flower's own runner "
+                          "starts the ClientApps as the SuperNode's user)")
+    user = resolve_executor_user(opts.executor_user)
+    if opts.clientapp_runner == "warm" and os.geteuid() != 0:
+        raise DeployError(
+            f"--executor-user {user.spec} with --clientapp-runner warm needs `fedspatial client` to start as root "
+            "(it starts the executor as that user); otherwise run the executor in its own unit as that user and "
+            "give --clientapp-runner external (deploy/systemd/fedspatial-executor.service)"
+        )
+    return user
 
 
 def executor_command(opts: ClientOptions) -> list[str]:
@@ -353,7 +400,9 @@ def run_client(opts: ClientOptions) -> int:
         for k, v in SUPERNODE_EXIT_HELP.items()
     }
     allowed = client_allow_list(opts)
-    if allowed is None:
+    if allowed is None and opts.clientapp_runner == "external":
+        logger.info("app allow-list: held by the executor's own unit (its --allowed-apps)")
+    elif allowed is None:
         from fedspatial.deployment.app_pinning import NO_ALLOW_LIST_WARNING
 
         logger.warning(NO_ALLOW_LIST_WARNING)
@@ -361,10 +410,25 @@ def run_client(opts: ClientOptions) -> int:
         logger.info("app allow-list: only these app bundles run here:\n  %s",
                     "\n  ".join(f"{h}  {c}".rstrip() for h, c in sorted(allowed.items())))
     logger.info("connecting to the SuperLink at %s (outbound only)", opts.superlink)
-    helpers = {"the ClientApp executor": executor_command(opts)} if opts.clientapp_runner == "warm" else {}
-    return run_child(
-        cmd, explain=explain, what="flower-supernode",
-        ended_by_itself="the coordinating center has probably removed this hospital "
-        "(`flwr supernode unregister`); ask the center before starting it again",
-        helpers=helpers,
-    )
+    executor = "the ClientApp executor"
+    helpers = {executor: executor_command(opts)} if opts.clientapp_runner == "warm" else {}
+    user = client_executor_user(opts)
+    options: dict[str, dict[str, Any]] = {}
+    flwr_home = None
+    if helpers and user is not None:
+        options[executor], flwr_home = executor_process_options(user, flower_env())
+        options[executor]["cwd"] = flwr_home
+        logger.info("the ClientApp executor runs as %s (uid %d), FLWR_HOME %s", user.spec, user.uid, flwr_home)
+    elif opts.clientapp_runner == "external":
+        logger.info("ClientApps: the executor of its own unit (user %s) takes them from 127.0.0.1:%d",
+                    opts.executor_user, opts.runtime_port)
+    try:
+        return run_child(
+            cmd, explain=explain, what="flower-supernode",
+            ended_by_itself="the coordinating center has probably removed this hospital "
+            "(`flwr supernode unregister`); ask the center before starting it again",
+            helpers=helpers, helper_options=options,
+        )
+    finally:
+        if flwr_home is not None:
+            remove_flwr_home(flwr_home)

@@ -50,12 +50,15 @@ _FLOWER_EXIT_RE = re.compile(r"Exit Code: (\d+)")
 
 def run_child(cmd: Sequence[str], *, explain: Mapping[tuple[int, str], str], what: str,
               env: Mapping[str, str] | None = None, cwd: Path | None = None,
-              ended_by_itself: str = "", helpers: Mapping[str, Sequence[str]] | None = None) -> int:
+              ended_by_itself: str = "", helpers: Mapping[str, Sequence[str]] | None = None,
+              helper_options: Mapping[str, Mapping[str, Any]] | None = None) -> int:
     """Run ``cmd`` with its output passed through, forwarding SIGINT/SIGTERM to it.
 
     ``ended_by_itself`` is logged when the child exits with 0 unasked. ``helpers`` (name ->
     command) run next to the child and share its fate: they are stopped when it ends, and
-    the child is stopped when one of them ends unasked.
+    the child is stopped when one of them ends unasked. ``helper_options`` (name -> extra
+    :class:`subprocess.Popen` arguments, e.g. ``user``/``group``/``env``) start a helper
+    differently (:mod:`fedspatial.deployment.confinement`).
 
     Flower processes exit with 1 on any error and name the real reason in a log line
     ``Exit Code: N``; a known ``N`` is explained from ``explain`` (see :func:`explain_exit`).
@@ -102,7 +105,8 @@ def run_child(cmd: Sequence[str], *, explain: Mapping[tuple[int, str], str], wha
     try:
         for name, helper_cmd in (helpers or {}).items():
             logger.debug("running %s: %s", name, " ".join(helper_cmd))
-            side[name] = subprocess.Popen(list(helper_cmd), env=full_env, cwd=cwd)
+            options = {"env": full_env, "cwd": cwd, **(helper_options or {}).get(name, {})}
+            side[name] = subprocess.Popen(list(helper_cmd), **options)
         while (code := proc.poll()) is None:
             for name, helper in side.items():
                 if not stopping and not helper_failed and helper.poll() is not None:
