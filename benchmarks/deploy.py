@@ -20,7 +20,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from provenance import provenance  # benchmarks/provenance.py
 
 from fedspatial.deployment.certificates import generate_keypair
 from fedspatial.deployment.errors import DeployError
-from fedspatial.deployment.network import check_superlink
+from fedspatial.deployment.network import check_superlink, free_loopback_ports
 from fedspatial.deployment.processes import flower_env
 from fedspatial.deployment.submit import write_flwr_connection
 from fedspatial.shared.config import ExperimentConfig
@@ -56,21 +55,6 @@ DATASETS = {
     "demo": synthetic_spec(seed=0),
 }
 log = logging.getLogger("benchmark")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (held open together while chosen)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -96,7 +80,7 @@ def run_deployed(work: Path, manifest: Path, name: str) -> dict[str, Any]:
     for site in SITES:
         generate_keypair(keys / f"{site}.key", comment=site)
     # Fleet API (hospitals), Control API (the `flwr` connection), ServerAppIo API
-    port, control_port, serverappio_port = _free_ports(3)
+    port, control_port, serverappio_port = free_loopback_ports(3)
     write_flwr_connection(flwr_home, "bench", f"127.0.0.1:{control_port}", certs / "ca.crt")
     env = flower_env({**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
     (work / "logs").mkdir(parents=True)
@@ -131,7 +115,7 @@ def run_deployed(work: Path, manifest: Path, name: str) -> dict[str, Any]:
                            check=True, capture_output=True, env=env, timeout=60)
             spawn([str(BIN / "fedspatial"), "client", "--superlink", f"127.0.0.1:{port}", "--data-path", str(data / site),
                    "--ca-cert", str(certs / "ca.crt"), "--auth-key", str(keys / f"{site}.key"),
-                   "--output-path", str(work / "out" / site), "--runtime-port", str(_free_port())], f"client-{site}.log")
+                   "--output-path", str(work / "out" / site), "--runtime-port", str(free_loopback_ports()[0])], f"client-{site}.log")
         deadline = time.monotonic() + 120
         while online() < len(SITES):
             if time.monotonic() > deadline:

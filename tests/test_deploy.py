@@ -45,7 +45,7 @@ from fedspatial.deployment.certificates import (
     generate_keypair,
 )
 from fedspatial.deployment.errors import DeployError
-from fedspatial.deployment.network import check_superlink, parse_address
+from fedspatial.deployment.network import check_superlink, free_loopback_ports, parse_address
 from fedspatial.deployment.nodes import ServerOptions, superlink_command
 from fedspatial.deployment.processes import run_child
 from fedspatial.deployment.submit import save_results, write_flwr_connection
@@ -81,21 +81,6 @@ MARKER = f"fedspatial-deploy-test-{uuid.uuid4().hex[:8]}"
 
 
 # ----------------------------------------------------------------------------- processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (held open together while chosen)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 def _env(flwr_home: Path) -> dict[str, str]:
@@ -254,7 +239,7 @@ class Deployment:
             "--ca-cert", str(ca or self.certs / "ca.crt"),
             "--auth-key", str(self.keys / f"{key or site}.key"),
             "--output-path", str(self.root / "out" / site),
-            "--runtime-port", str(port or _free_port()),
+            "--runtime-port", str(port or free_loopback_ports()[0]),
         ]
 
     def start_client(self, site: str) -> None:
@@ -336,7 +321,7 @@ def material(tmp_path_factory) -> Deployment:
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
     flwr_home = root / "flwr"
-    port, control_port, serverappio_port = _free_ports(3)
+    port, control_port, serverappio_port = free_loopback_ports(3)
     write_flwr_connection(flwr_home, CONNECTION, f"127.0.0.1:{control_port}", certs / "ca.crt")
     return Deployment(root, certs, root / "data", keys, flwr_home, port, control_port, serverappio_port,
                       _env(flwr_home))
@@ -488,7 +473,7 @@ def test_client_refuses_bad_data_before_connecting(material: Deployment, tmp_pat
 
 
 def test_unreachable_superlink_fails_fast_with_a_clear_message(material: Deployment) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_loopback_ports()[0]  # nothing listens there
     start = time.monotonic()
     res = material.run(material.client_args("hospital_a", address=f"127.0.0.1:{port}"), timeout=60)
     assert res.returncode == 2
@@ -541,7 +526,7 @@ def test_ca_key_stays_out_of_the_servers_folder(material: Deployment, tmp_path: 
     res = subprocess.run([*gen, "-k", str(certs / "ca"), "--renew", "127.0.0.1"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "inside" in res.stderr and not (certs / "ca").exists()
 
-    ports = _free_ports(3)
+    ports = free_loopback_ports(3)
     server = [str(BIN / "fedspatial"), "server", "--certs", str(certs), "--database", str(tmp_path / "db" / "s.db"),
               "--host", "127.0.0.1", "--port", str(ports[0]), "--control-port", str(ports[1]),
               "--serverappio-port", str(ports[2])]
@@ -713,7 +698,7 @@ def test_wrong_ca_is_refused_with_a_clear_message(deployment: Deployment) -> Non
         [str(BIN / "flower-supernode"), "--superlink", deployment.address,
          "--root-certificates", str(deployment.root / "other" / "ca.crt"),
          "--auth-supernode-private-key", str(deployment.keys / "hospital_a.key"),
-         "--port", str(_free_port()), "--max-retries", "2"],
+         "--port", str(free_loopback_ports()[0]), "--max-retries", "2"],
         "raw-wrong-ca.log",
     )
     try:

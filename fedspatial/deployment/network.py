@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -181,3 +182,13 @@ def _verify_failure(err: ssl.SSLCertVerificationError, host: str, port: int, ca:
         f"(issuer: {issuer}; {err.verify_message}): this is the wrong CA file, or not the "
         "federation's SuperLink. Get ca.crt from the coordinating center and pass it with --ca-cert"
     )
+
+
+def free_loopback_ports(n: int = 1) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (held open together while
+    chosen, so they differ); for local deployments, their tests and benchmarks."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
