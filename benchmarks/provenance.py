@@ -2,7 +2,7 @@
 
 ``provenance(config)`` returns the four keys every result file carries: ``commit`` (the
 checkout's HEAD, marked ``-dirty`` when files differ from it), ``config`` (the settings
-as run, made JSON-ready: paths become strings), ``machine`` (what a reader needs to compare timings) and ``date`` (UTC).
+as run, made JSON-ready and machine-independent: see :func:`portable`), ``machine`` (what a reader needs to compare timings) and ``date`` (UTC).
 """
 
 from __future__ import annotations
@@ -48,12 +48,34 @@ def machine() -> dict[str, Any]:
     }
 
 
+def portable(value: Any, *, root: Path = ROOT, shared: Path | None = None) -> Any:
+    """``value`` with every absolute path made machine-independent: relative to the
+    checkout ``root``; ``../shared/...`` under the project's shared folder (``shared``,
+    default ``root/../shared``); ``$FEDSPATIAL_...`` under a folder a ``FEDSPATIAL_*``
+    variable names; otherwise only its name, marked as outside the checkout."""
+    if isinstance(value, Mapping):
+        return {k: portable(v, root=root, shared=shared) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, root=root, shared=shared) for v in value]
+    if not (isinstance(value, str) and os.path.isabs(value)):
+        return value
+    path = Path(value)
+    bases = [(root, ""), (shared or root.parent / "shared", "../shared")]
+    bases += [(Path(v), f"${k}") for k, v in os.environ.items() if k.startswith("FEDSPATIAL_") and os.path.isabs(v)]
+    for base, prefix in bases:
+        if path.is_relative_to(base):
+            rel = path.relative_to(base).as_posix()
+            return "/".join(p for p in (prefix, rel) if p and p != ".") or "."
+    return f"<outside the checkout>/{path.name}"
+
+
 def provenance(config: Mapping[str, Any]) -> dict[str, Any]:
     """``commit``, ``config``, ``machine`` and ``date`` of a result. ``config`` goes through
-    JSON once here (paths and other non-JSON values as ``str``), so no script converts."""
+    JSON once here (paths and other non-JSON values as ``str``), so no script converts, and
+    through :func:`portable`, so no result names this machine's folders."""
     return {
         "commit": commit(),
-        "config": json.loads(json.dumps(dict(config), default=str)),
+        "config": portable(json.loads(json.dumps(dict(config), default=str))),
         "machine": machine(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
