@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -379,15 +380,16 @@ def client_executor_user(opts: ClientOptions) -> ExecutorUser | None:
     return user
 
 
-def executor_command(opts: ClientOptions) -> list[str]:
-    """The warm ClientApp executor next to ``flower-supernode --isolation process``."""
+def executor_command(opts: ClientOptions, allowed: Mapping[str, str] | None) -> list[str]:
+    """The warm ClientApp executor next to ``flower-supernode --isolation process``;
+    ``allowed``: the hospital's app allow-list (:func:`client_allow_list`), if any."""
     from fedspatial.clientapp_executor import LAUNCH_COMMAND
 
     return [
         sys.executable, "-c", LAUNCH_COMMAND,
         "--runtime-api-address", f"127.0.0.1:{opts.runtime_port}",
         "--parent-pid", str(os.getpid()),
-        *[arg for h in sorted(client_allow_list(opts) or {}) for arg in ("--allow-app", h)],
+        *[arg for h in sorted(allowed or {}) for arg in ("--allow-app", h)],
     ]
 
 
@@ -411,7 +413,7 @@ def run_client(opts: ClientOptions) -> int:
                     "\n  ".join(f"{h}  {c}".rstrip() for h, c in sorted(allowed.items())))
     logger.info("connecting to the SuperLink at %s (outbound only)", opts.superlink)
     executor = "the ClientApp executor"
-    helpers = {executor: executor_command(opts)} if opts.clientapp_runner == "warm" else {}
+    helpers = {executor: executor_command(opts, allowed)} if opts.clientapp_runner == "warm" else {}
     user = client_executor_user(opts)
     options: dict[str, dict[str, Any]] = {}
     flwr_home = None
