@@ -111,8 +111,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     leave_ok = cfg.privacy.local_dp and cfg.privacy.on_exhausted == "continue"
     group = SiteGroup(
         grid, nodes, min_nodes=cfg.training.min_nodes or (1 if leave_ok else len(nodes)),
-        hint=f"Finished rounds are checkpointed in {store.checkpoint_dir}: resubmit the run "
-        "with run config resume=true to continue from the last one.",
+        hint=lambda: (
+            f"Finished rounds are checkpointed in {store.checkpoint_dir}: resubmit the run "
+            "with run config resume=true to continue from the last one."
+            if (store.checkpoint_dir / "state.json").is_file() else "No round finished: nothing to resume; submit the run again."
+        ),
         message_timeout=cfg.training.message_timeout,
     )
     run = Run(cfg, run_config, store.folder, started=t0)

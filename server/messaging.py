@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flwr.app import Message, RecordDict
@@ -70,8 +70,9 @@ class SiteGroup(Grid):
         Seconds to wait for participants that are offline before giving up.
     poll_interval : float (default: 1.0)
         Longest pause between checks for replies (Flower's own loop sleeps 3 s).
-    hint : str (default: "")
-        Appended to the error when too few sites remain (what was saved, how to go on).
+    hint : str or callable returning str (default: "")
+        Appended to the error when too few sites remain (what was saved, how to go on);
+        a callable is asked when the error is raised, so it can say what exists by then.
     message_timeout : float (default: 600.0)
         Longest wait for a reply, whatever timeout a caller asks for.
     """
@@ -84,7 +85,7 @@ class SiteGroup(Grid):
         min_nodes: int,
         patience: float = 120.0,
         poll_interval: float = 1.0,
-        hint: str = "",
+        hint: str | Callable[[], str] = "",
         message_timeout: float = DEFAULT_MESSAGE_TIMEOUT,
     ) -> None:
         self._grid = grid
@@ -98,6 +99,7 @@ class SiteGroup(Grid):
         self.dropped: dict[str, str] = {}
         self._short_since: float | None = None
         self._node_of_message: dict[str, int] = {}
+        self._registered: dict[int, str] | None = None
 
     # -- delegated to the Grid ---------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -123,7 +125,15 @@ class SiteGroup(Grid):
 
     # -- the run's view -----------------------------------------------------------------------
     def name(self, node: int) -> str:
-        return self.names.get(node, f"node {node}")
+        """The site's bound name; before names are bound (or for a node that never says),
+        the name its key was registered with, so a log never names a hospital by node id
+        where the center knows better."""
+        if node in self.names:
+            return self.names[node]
+        if self._registered is None:
+            self._registered = self.registered_names()
+        registered = self._registered.get(node)
+        return f"{registered} (registered key; node {node})" if registered else f"node {node}"
 
     def registered_names(self) -> dict[int, str]:
         """The names the center gave the nodes' keys (`flwr supernode register ... --name`);
@@ -245,7 +255,8 @@ class SiteGroup(Grid):
         listed = "".join(f"\n  - {site}: {why}" for site, why in lost.items())
         return (
             f"{what}, fewer than min-nodes={self.min_nodes}; the run stops.{listed}\n"
-            "Restart the lost site(s) (`fedspatial client ...`) or lower min-nodes. " + self.hint
+            "Restart the lost site(s) (`fedspatial client ...`) or lower min-nodes. "
+            + (self.hint() if callable(self.hint) else self.hint)
         ).strip()
 
 

@@ -242,8 +242,15 @@ class Deployment:
             "--runtime-port", str(port or free_loopback_ports()[0]),
         ]
 
+    def policy(self, site: str) -> Path:
+        """The site policy file hospital_a's operator owns (empty: no limit yet)."""
+        return self.root / f"policy-{site}.toml"
+
     def start_client(self, site: str) -> None:
-        self.clients[site] = self.spawn(self.client_args(site), f"client-{site}.log")
+        extra = ["--policy", str(self.policy(site))] if site == "hospital_a" else []
+        if extra and not self.policy(site).exists():
+            self.policy(site).write_text("")
+        self.clients[site] = self.spawn([*self.client_args(site), *extra], f"client-{site}.log")
 
     def crash_client(self, site: str) -> None:
         """A hospital machine dies: SIGKILL to the SuperNode and everything it started."""
@@ -256,7 +263,7 @@ class Deployment:
         path.write_text(tomli_w.dumps(cfg))
         return path
 
-    def experiment(self, name: str, *, min_nodes: int) -> Path:
+    def experiment(self, name: str, *, min_nodes: int, message_timeout: float = 600.0) -> Path:
         """The YAML experiment config of ``RUN_CONFIG`` (for ``fedspatial submit``)."""
         path = self.root / f"{name}.yaml"
         path.write_text(
@@ -264,13 +271,14 @@ class Deployment:
             f"features: {{n-top-features: {RUN_CONFIG['n-top-features']}}}\n"
             f"model: {{hidden-dim: {RUN_CONFIG['hidden-dim']}, latent-dim: {RUN_CONFIG['latent-dim']}}}\n"
             f"training: {{num-rounds: {RUN_CONFIG['num-rounds']}, local-epochs: {RUN_CONFIG['local-epochs']}, "
-            f"batch-size: {RUN_CONFIG['batch-size']}, min-nodes: {min_nodes}}}\n"
+            f"batch-size: {RUN_CONFIG['batch-size']}, min-nodes: {min_nodes}, message-timeout: {message_timeout}}}\n"
             f"clustering: {{kmeans-max-iter: {RUN_CONFIG['kmeans-max-iter']}}}\n"
         )
         return path
 
-    def fedspatial_submit(self, name: str, *, min_nodes: int) -> list[str]:
-        return [str(BIN / "fedspatial"), "submit", str(self.experiment(name, min_nodes=min_nodes)),
+    def fedspatial_submit(self, name: str, *, min_nodes: int, message_timeout: float = 600.0) -> list[str]:
+        return [str(BIN / "fedspatial"), "submit",
+                str(self.experiment(name, min_nodes=min_nodes, message_timeout=message_timeout)),
                 "--connection", CONNECTION, "--app", str(ROOT), "--out", str(self.root / "submitter" / name)]
 
     def submit(self, name: str, **extra) -> subprocess.Popen:
@@ -684,6 +692,11 @@ def test_each_api_listens_on_its_own_loopback_port(deployment: Deployment) -> No
     res = subprocess.run([str(BIN / "flwr"), "ls", "public"], capture_output=True, text=True, timeout=60,
                          env={**deployment.env, "FLWR_HOME": str(public)})
     assert res.returncode != 0 and "404" in res.stdout + res.stderr, res.stdout[-2000:]
+    # ... and so is registering an unknown SuperNode key from there: keys are the center operator's.
+    res = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(deployment.keys / "intruder.pub"), "public"],
+                         capture_output=True, text=True, timeout=60, env={**deployment.env, "FLWR_HOME": str(public)})
+    assert res.returncode != 0 and "404" in res.stdout + res.stderr, res.stdout[-2000:]
+    assert len(deployment.nodes()) == 3
     res = deployment.flwr("ls", CONNECTION)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
 
@@ -767,6 +780,128 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
     section = next(iter(report["sections"].values()))
     assert not Path(section["output"]).is_absolute() and section["output"].endswith(".h5ad")
     (deployment.root / "t1-wall.txt").write_text(f"{wall:.1f}\n")
+
+
+# ----------------------------------------------------------------------------- attacks (issue 14)
+# Each test below is one row of benchmarks/results/security.md: an attack tried against the real
+# processes, refused. They run after the full run above and leave the three hospitals online.
+
+
+def _restart_client(dep: Deployment, site: str, *extra: str) -> None:
+    """Stop a hospital's SuperNode (by pid) and start it again with ``extra`` options."""
+    _stop_tree(dep.clients.pop(site))
+    extra = (*extra, "--policy", str(dep.policy(site))) if site == "hospital_a" else extra
+    # Flower refuses a key it still marks online: start again once the SuperLink saw it go.
+    _wait_for(lambda: dep.online() == 2, 180, f"{site} marked offline", interval=2)
+    dep.clients[site] = dep.spawn([*dep.client_args(site), *extra], f"client-{site}.log")
+    _wait_for(lambda: dep.online() == 3, 120, f"{site} back online", interval=2)
+
+
+def _fails_fast(dep: Deployment, name: str, message_timeout: float = 600.0) -> tuple[str, float]:
+    """``fedspatial submit`` a run that one site refuses, ``min-nodes`` = every site: the run
+    must stop, and the submitter's exit code say so."""
+    start = time.monotonic()
+    res = dep.run(dep.fedspatial_submit(name, min_nodes=3, message_timeout=message_timeout), timeout=RUN_TIMEOUT)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0, log[-3000:]
+    assert "fewer than min-nodes=3; the run stops" in log, log[-3000:]
+    assert not (dep.results / name / "metrics.json").exists()
+    return log, time.monotonic() - start
+
+
+def test_a_hospitals_own_policy_refuses_a_run_without_local_dp(deployment: Deployment) -> None:
+    """Item 4: the center submits a run without local DP; hospital_a's operator requires it
+    in the policy file only they own (re-read at every message: no restart). The site
+    refuses before computing anything and says so in its own log; the run config cannot
+    lift the limit."""
+    policy = deployment.policy("hospital_a")
+    policy.write_text("require-local-dp = true\nmax-epsilon = 8.0\n")
+    try:
+        log, _ = _fails_fast(deployment, "t-policy")
+        assert "site hospital_a refuses query.describe by its site policy: require-local-dp=true" in log
+        assert "SITE POLICY REFUSAL: site hospital_a refuses" in deployment.log("client-hospital_a.log")
+    finally:
+        policy.write_text("")
+
+
+@pytest.mark.slow  # two SuperNode restarts, each waiting for Flower to see the node go: `make test-deploy`
+@pytest.mark.timeout(900)
+def test_a_site_claiming_another_sites_name_is_dropped(deployment: Deployment) -> None:
+    """Item 7: hospital_b's SuperNode says it is hospital_a. Its key was registered as
+    hospital_b, so the center drops it instead of merging two hospitals' results."""
+    _restart_client(deployment, "hospital_b", "--site-name", "hospital_a")
+    try:
+        log, _ = _fails_fast(deployment, "t-identity")
+        assert "says it is site 'hospital_a' but its key is registered as 'hospital_b'" in log, log[-3000:]
+    finally:
+        _restart_client(deployment, "hospital_b")
+
+
+def test_a_hung_site_is_dropped_after_the_message_timeout(deployment: Deployment) -> None:
+    """Item 8: hospital_c's machine hangs (SIGSTOP to its SuperNode and executor: online to
+    Flower for a while, answering nothing). With ``message-timeout`` 20 s the center drops it
+    after 20 s, not Flower's hour, and min-nodes decides (here: every site, so the run stops)."""
+    tree = [psutil.Process(deployment.clients["hospital_c"].pid),
+            *psutil.Process(deployment.clients["hospital_c"].pid).children(recursive=True)]
+    for proc in tree:
+        proc.suspend()
+    try:
+        log, wall = _fails_fast(deployment, "t-hung", message_timeout=20.0)
+    finally:
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()
+    # named by the name its key was registered with (it never said which site it is)
+    assert "- hospital_c (registered key; node " in log and "no reply within 20 s (message-timeout)" in log, log[-3000:]
+    assert "No round finished: nothing to resume" in log
+    assert wall < 120, wall
+    _wait_for(lambda: deployment.online() == 3, 120, "hospital_c back online", interval=2)
+
+
+EVIL_SERVERAPP = """\
+from flwr.serverapp import ServerApp
+app = ServerApp()
+@app.main()
+def main(grid, context):
+    print({line!r}, flush=True)
+"""
+EVIL_CLIENTAPP = "from flwr.clientapp import ClientApp\napp = ClientApp()\n"
+
+
+def test_a_crafted_result_line_does_not_plant_an_ssh_key(deployment: Deployment, tmp_path: Path) -> None:
+    """Item 6: whoever runs code at the center writes the run's log. A run whose ServerApp
+    prints a result line naming ``../../.ssh`` and ``authorized_keys`` (valid JSON, valid
+    checksums): ``fedspatial results RUN_ID`` refuses it and writes nothing anywhere."""
+    import hashlib
+
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBAD attacker@example\n"
+    bundle = {"run-name": "../../.ssh", "center-folder": "/srv/x", "files": {"authorized_keys": key},
+              "sha256": {"authorized_keys": hashlib.sha256(key.encode()).hexdigest()}}
+    app = tmp_path / "evil_app"
+    (app / "evil").mkdir(parents=True)
+    (app / "evil" / "__init__.py").write_text("")
+    (app / "evil" / "server_app.py").write_text(EVIL_SERVERAPP.format(line=RESULT_MARKER + json.dumps(bundle)))
+    (app / "evil" / "client_app.py").write_text(EVIL_CLIENTAPP)
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "evil"\nversion = "1.0.0"\ndependencies = []\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n'
+        '[tool.flwr.app]\npublisher = "attacker"\n'
+        '[tool.flwr.app.components]\nserverapp = "evil.server_app:app"\nclientapp = "evil.client_app:app"\n'
+        '[tool.flwr.app.config]\nx = 1\n'
+    )
+    res = deployment.flwr("run", str(app), CONNECTION, "--stream", timeout=300)
+    assert RESULT_MARKER in res.stdout, (res.stdout + res.stderr)[-3000:]
+    run_id = res.stdout.split("Successfully started run ")[1].split()[0]
+    home = tmp_path / "home" / "user"
+    (home / ".ssh").mkdir(parents=True)
+    (home / "work").mkdir()
+    got = subprocess.run([str(BIN / "fedspatial"), "results", run_id, "--connection", CONNECTION],
+                         capture_output=True, text=True, env=deployment.env, timeout=120, cwd=home / "work")
+    assert got.returncode != 0
+    assert "not a valid run name" in got.stderr and "refusing to save it" in got.stderr, got.stderr[-2000:]
+    assert not (home / ".ssh" / "authorized_keys").exists()
+    assert sorted(os.listdir(home)) == [".ssh", "work"] and os.listdir(home / "work") == []
 
 
 @pytest.mark.slow  # minutes, most of it Flower noticing the lost site: `make test-deploy`

@@ -62,7 +62,8 @@ def test_a_node_claiming_another_sites_name_is_dropped() -> None:
     assert sorted(run.sites) == ["hospital_a", "hospital_b"]
     assert run.sites["hospital_a"].n_cells == 11  # node 1's description, not the impostor's
     assert group.nodes == [1, 2]
-    assert group.dropped == {"node 3": f"describe: says it is site 'hospital_a' but its key is registered as 'intruder'; "
+    # named after its key's registration, not its claim or a bare node id
+    assert group.dropped == {"intruder (registered key; node 3)": f"describe: says it is site 'hospital_a' but its key is registered as 'intruder'; "
                                        f"the center registers each hospital's key with its site name: `{FIX}`"}
 
 
