@@ -16,6 +16,11 @@ computed:
   ASW, and ARI / NMI of a k-means of the embedding (K = number of labels), on all
   labelled cells (:func:`integration_report`).
 
+Above 10,000 cells the metrics are computed on a stratified subsample seeded with the
+run's seed (:mod:`fedspatial.shared.evaluation.sampling`; ``integration.json``'s
+``sampling`` says what was subsampled). Each metric is computed once: with a single site
+its within-site label scores are the pooled ones, reused.
+
 Writes ``integration.json``, ``integration.md`` and ``embedding_before_after.png``
 (joint embedding, UMAP when umap-learn is installed, PCA otherwise, coloured by site,
 domain and label; a row before and a row after correction) into ``mode_dir``.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,8 @@ import numpy as np
 import pandas as pd
 
 from fedspatial.shared.evaluation.integration import (
+    LABEL_METRICS,
+    ReportSampling,
     combine_site_reports,
     integration_report,
     site_report,
@@ -78,6 +86,15 @@ def _split_name(path: Path) -> tuple[str, str]:
     return (site, section) if sep else (path.parent.name, path.stem)
 
 
+def _obs_and_obsm(path: Path) -> ad.AnnData:
+    """The section's ``obs`` and ``obsm`` in memory, without its counts (read backed, closed)."""
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        return ad.AnnData(obs=backed.obs.copy(), obsm={k: np.asarray(v) for k, v in backed.obsm.items()})
+    finally:
+        backed.file.close()
+
+
 def read_annotated(mode_dir: str | Path, *, label_key: str = "domain") -> _Cells:
     """Pool every annotated section under ``mode_dir`` (simulation outputs)."""
     mode_dir = Path(mode_dir)
@@ -87,7 +104,7 @@ def read_annotated(mode_dir: str | Path, *, label_key: str = "domain") -> _Cells
     after, before, sites, sections, domains, labels, tables = [], [], [], [], [], [], []
     has_before, has_labels = True, True
     for path in paths:
-        adata = ad.read_h5ad(path)
+        adata = _obs_and_obsm(path)
         if EMBEDDING not in adata.obsm or DOMAIN not in adata.obs:
             raise ValueError(f"{path} has no {EMBEDDING} / {DOMAIN}: not an annotated fedspatial section")
         site, section = _split_name(path)
@@ -120,44 +137,61 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
 
 
-def _pooled(Z: np.ndarray, cells: _Cells, batches: np.ndarray, seed: int) -> dict[str, float]:
+def _labelled(cells: _Cells) -> np.ndarray:
+    """Rows with a label (all rows without labels)."""
     if cells.label is None:
-        return integration_report(Z, batches, seed=seed)
-    keep = np.array([v is not None for v in cells.label])
-    return integration_report(Z[keep], batches[keep], cells.label[keep].astype(str), seed=seed)
+        return np.ones(cells.site.size, dtype=bool)
+    return np.array([v is not None for v in cells.label])
 
 
-def _within_sites(Z: np.ndarray, cells: _Cells, seed: int) -> dict[str, float]:
-    """Each site's own report (its sections as batches), combined as the server would."""
+def _pooled(Z: np.ndarray, cells: _Cells, batches: np.ndarray, seed: int, sampling: ReportSampling) -> dict[str, float]:
+    if cells.label is None:
+        return integration_report(Z, batches, seed=seed, sampling=sampling)
+    keep = _labelled(cells)
+    return integration_report(Z[keep], batches[keep], cells.label[keep].astype(str), seed=seed, sampling=sampling)
+
+
+def _within_sites(
+    Z: np.ndarray, cells: _Cells, seed: int, sampling: ReportSampling, pooled: Mapping[str, float]
+) -> dict[str, float]:
+    """Each site's own report (its sections as batches), combined as the server would.
+
+    A site holding every labelled cell (a single-site run) has the pooled label scores:
+    they are reused (the label metrics do not depend on the batches), not computed again."""
     reports = []
+    labelled = _labelled(cells)
     for site in sorted(set(cells.site)):
-        rows = cells.site == site
-        if cells.label is not None:
-            rows &= np.array([v is not None for v in cells.label])
+        rows = (cells.site == site) & labelled
         if rows.sum() < 3:
             continue
         labels = None if cells.label is None else cells.label[rows].astype(str)
-        reports.append(site_report(Z[rows], cells.section[rows], labels, seed=seed))
+        same = labels is not None and bool(np.array_equal(rows, labelled)) and all(k in pooled for k in LABEL_METRICS)
+        reports.append(site_report(Z[rows], cells.section[rows], labels, seed=seed, sampling=sampling,
+                                   label_scores=pooled if same else None))
     return combine_site_reports(reports) if reports else {}
 
 
 def integration_summary(
-    cells: _Cells, *, batch_key: str = "site", seed: int = 0
+    cells: _Cells, *, batch_key: str = "site", seed: int = 0, sampling: ReportSampling | None = None
 ) -> dict[str, Any]:
     """Every metric of :func:`write_integration_report`, labelled by where it can be computed."""
     if batch_key not in BATCH_KEYS:
         raise ValueError(f"batch_key must be one of {BATCH_KEYS}, got {batch_key!r}")
+    sampling = sampling or ReportSampling()
     batches = cells.site if batch_key == "site" else cells.section
     views = {"after": cells.after, **({"before": cells.before} if cells.before is not None else {})}
+    pooled = {k: _pooled(Z, cells, batches, seed, sampling) for k, Z in views.items()}
+    n_labelled = int(sum(v is not None for v in cells.label)) if cells.label is not None else 0
     out: dict[str, Any] = {
         "batch_key": batch_key,
         "n_cells": int(cells.after.shape[0]),
-        "n_labelled": int(sum(v is not None for v in cells.label)) if cells.label is not None else 0,
+        "n_labelled": n_labelled,
         "sites": sorted(set(cells.site)),
         "n_batches": len(set(batches)),
         "corrected": cells.before is not None,
-        SITE_COMPUTABLE: {"within_site": {k: _within_sites(Z, cells, seed) for k, Z in views.items()}},
-        POOLED: {k: _pooled(Z, cells, batches, seed) for k, Z in views.items()},
+        "sampling": sampling.describe(n_labelled if cells.label is not None else int(cells.after.shape[0]), seed),
+        SITE_COMPUTABLE: {"within_site": {k: _within_sites(Z, cells, seed, sampling, pooled[k]) for k, Z in views.items()}},
+        POOLED: pooled,
     }
     if cells.tables:
         merged = merge_contingency(cells.tables)
@@ -227,6 +261,20 @@ def _table(title: str, scores: Mapping[str, Mapping[str, float]], metrics: Seque
     return [*lines, ""]
 
 
+def _sampling_note(sampling: Mapping[str, Any] | None) -> list[str]:
+    """One sentence saying which metrics were estimated on a subsample (none: nothing)."""
+    if not sampling or not (sampling.get("subsampled") or sampling.get("lisi_subsampled")):
+        return []
+    parts = []
+    if sampling.get("subsampled"):
+        parts.append(f"batch / label ASW and graph connectivity on a stratified (label x batch) subsample of "
+                     f"{sampling['max_cells']:,} cells, the k-means behind ARI / NMI fitted on it (all cells assigned)")
+    if sampling.get("lisi_subsampled"):
+        parts.append(f"iLISI / cLISI as the median over {sampling['lisi_cells']:,} such cells, each with its "
+                     "neighbours among all cells")
+    return [f"Subsampled ({sampling['n_cells']:,} cells, seed {sampling['seed']}): " + "; ".join(parts) + ".", ""]
+
+
 def report_markdown(summary: Mapping[str, Any], mode_dir: Path) -> str:
     metrics = ("ilisi", "batch_asw", "graph_connectivity", "ari", "nmi", "clisi", "label_asw")
     lines = [
@@ -239,6 +287,7 @@ def report_markdown(summary: Mapping[str, Any], mode_dir: Path) -> str:
         "Scores in [0, 1], higher is better: iLISI, batch ASW, graph connectivity measure batch "
         "mixing; ARI / NMI, cLISI, label ASW measure biology kept.",
         "",
+        *_sampling_note(summary.get("sampling")),
         f"## {SITE_COMPUTABLE}",
         "",
     ]
@@ -282,14 +331,21 @@ def write_integration_report(
     Returns
     -------
     dict[str, Any]
-        What ``integration.json`` holds.
+        What ``integration.json`` holds; ``seconds`` (and ``seconds_by_part``: read,
+        metrics, plot) is the report's own wall time, written files excepted.
     """
-    mode_dir = Path(mode_dir)
-    cells = read_annotated(mode_dir, label_key=label_key)
-    summary = integration_summary(cells, batch_key=batch_key, seed=seed)
     if layout not in LAYOUTS:  # fail before the metrics' work
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    mode_dir = Path(mode_dir)
+    t0 = time.perf_counter()
+    cells = read_annotated(mode_dir, label_key=label_key)
+    t1 = time.perf_counter()
+    summary = integration_summary(cells, batch_key=batch_key, seed=seed)
+    t2 = time.perf_counter()
     summary["plot"] = plot_before_after(cells, mode_dir / PLOT, seed=seed, layout=layout).name
+    t3 = time.perf_counter()
+    summary["seconds"] = t3 - t0
+    summary["seconds_by_part"] = {"read": t1 - t0, "metrics": t2 - t1, "plot": t3 - t2}
     write_json_atomic(mode_dir / "integration.json", summary)
     write_text_atomic(mode_dir / "integration.md", report_markdown(summary, mode_dir))
     logger.info("integration report of %s: iLISI %s after correction (%s)", mode_dir.name,

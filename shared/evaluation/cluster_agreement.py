@@ -15,7 +15,9 @@ from fedspatial.shared.evaluation.embedding_inputs import check_embedding
 __all__ = ["ari_nmi", "cluster_embedding"]
 
 
-def cluster_embedding(Z: np.ndarray, n_clusters: int, *, seed: int = 0) -> np.ndarray:
+def cluster_embedding(
+    Z: np.ndarray, n_clusters: int, *, seed: int = 0, fit_cells: np.ndarray | None = None
+) -> np.ndarray:
     """k-means clusters of the embedding (``n_init=10``), for ARI and NMI.
 
     Parameters
@@ -26,6 +28,9 @@ def cluster_embedding(Z: np.ndarray, n_clusters: int, *, seed: int = 0) -> np.nd
         Number of clusters.
     seed : int, default 0
         Random state.
+    fit_cells : np.ndarray or None, default None
+        Fit the centres on these rows only; every cell is then assigned to its nearest
+        centre (O(n K d)). None: fit on all cells.
 
     Returns
     -------
@@ -33,7 +38,10 @@ def cluster_embedding(Z: np.ndarray, n_clusters: int, *, seed: int = 0) -> np.nd
         Cluster of each cell (n,).
     """
     Z = check_embedding(Z)
-    return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(Z)
+    kmeans = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed)
+    if fit_cells is None:
+        return np.asarray(kmeans.fit_predict(Z))
+    return np.asarray(kmeans.fit(Z[fit_cells]).predict(Z))
 
 
 def ari_nmi(labels: np.ndarray | Sequence, clusters: np.ndarray | Sequence) -> tuple[float, float]:

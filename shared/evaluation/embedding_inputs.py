@@ -32,7 +32,7 @@ def check_embedding(Z: np.ndarray, n: int | None = None) -> np.ndarray:
     return Z
 
 
-def knn(Z: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+def knn(Z: np.ndarray, n_neighbors: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each cell's nearest other cells (Euclidean), itself excluded.
 
     Parameters
@@ -41,16 +41,35 @@ def knn(Z: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
         Embedding (n x d).
     n_neighbors : int
         k; reduced to n - 1 when there are fewer cells.
+    rows : np.ndarray or None, default None
+        Only these cells' neighbours (searched among all n cells); None: every cell.
 
     Returns
     -------
     distances : np.ndarray
-        (n, k) increasing Euclidean distances.
+        (len(rows) or n, k) increasing Euclidean distances.
     indices : np.ndarray
-        (n, k) neighbour indices.
+        (len(rows) or n, k) neighbour indices (into all n cells).
+
+    Notes
+    -----
+    scikit-learn picks the search (brute force for embeddings of tens of dimensions,
+    where trees are slower): O(queries x n) time, distances computed in blocks of
+    scikit-learn's ``working_memory``. Self is removed as scikit-learn does for
+    ``kneighbors()``: the query's own row, or the farthest candidate where duplicates
+    hide it.
     """
     Z = check_embedding(Z)
     k = min(int(n_neighbors), Z.shape[0] - 1)
     if k < 1:
         raise ValueError("need at least two cells")
-    return NearestNeighbors(n_neighbors=k).fit(Z).kneighbors()
+    search = NearestNeighbors(n_neighbors=k).fit(Z)
+    if rows is None:
+        return search.kneighbors()
+    rows = np.asarray(rows, dtype=np.int64)
+    distances, indices = search.kneighbors(Z[rows], n_neighbors=k + 1)
+    is_self = indices == rows[:, None]
+    # drop the query itself, or the last column where a duplicate point pushed it out
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
+    keep = np.arange(k + 1)[None, :] != drop[:, None]
+    return distances[keep].reshape(-1, k), indices[keep].reshape(-1, k)

@@ -35,8 +35,13 @@ The metrics live in :mod:`~fedspatial.shared.evaluation.lisi`,
 :mod:`~fedspatial.shared.evaluation.cluster_agreement`, and are re-exported here; this
 module combines them into reports.
 
-Costs: kNN searches are O(n log n) to O(n^2) (scikit-learn), the silhouettes are
-O(n^2) in time (memory is chunked by scikit-learn).
+Costs (:mod:`~fedspatial.shared.evaluation.sampling`): above ``max_cells`` (10,000) cells
+the silhouettes and graph connectivity are computed on a stratified (label x batch),
+seeded subsample of that size and the k-means is fitted on it; the LISI median is over
+``lisi_cells`` (5,000) such cells, each with its exact neighbours among all cells. The
+report then costs O(max_cells^2 + lisi_cells x n) time, never builds an n x n array
+(distances in blocks of ``WORKING_MEMORY_MIB``), and one kNN search serves iLISI and
+cLISI. ``sampling=EXACT`` computes every metric on all cells (O(n^2) time).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from sklearn import config_context
 
 from fedspatial.shared.evaluation.cluster_agreement import (
     ari_nmi,
@@ -53,9 +59,19 @@ from fedspatial.shared.evaluation.cluster_agreement import (
 from fedspatial.shared.evaluation.connectivity import graph_connectivity, knn_graph
 from fedspatial.shared.evaluation.embedding_inputs import category_codes, check_embedding, knn
 from fedspatial.shared.evaluation.lisi import clisi, ilisi, lisi
+from fedspatial.shared.evaluation.sampling import (
+    EXACT,
+    WORKING_MEMORY_MIB,
+    ReportSampling,
+    strata_of,
+    stratified_subsample,
+)
 from fedspatial.shared.evaluation.silhouette import batch_asw, label_asw
 
 __all__ = [
+    "EXACT",
+    "LABEL_METRICS",
+    "ReportSampling",
     "ari_nmi",
     "batch_asw",
     "clisi",
@@ -73,6 +89,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The scores that depend on the embedding and the labels only, not on the batches.
+LABEL_METRICS = ("clisi", "label_asw", "graph_connectivity", "ari", "nmi")
+
 
 def integration_report(
     Z: np.ndarray,
@@ -81,6 +100,8 @@ def integration_report(
     *,
     n_neighbors: int = 90,
     seed: int = 0,
+    sampling: ReportSampling | None = None,
+    label_scores: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """All integration metrics of a joint embedding (pooled cells: simulation only).
 
@@ -96,7 +117,13 @@ def integration_report(
         LISI neighbourhood (perplexity ``n_neighbors / 3``); graph connectivity
         uses scanpy's 15 neighbours.
     seed : int, default 0
-        Random state of the k-means clustering behind ARI/NMI.
+        Random state of the subsamples and of the k-means clustering behind ARI/NMI.
+    sampling : ReportSampling or None, default None
+        Subsample sizes (None: :class:`ReportSampling`'s defaults; ``EXACT``: none).
+        Below them every metric is exact.
+    label_scores : Mapping[str, float] or None, default None
+        :data:`LABEL_METRICS` already computed for these very cells, embedding and
+        labels (they do not depend on the batches): reused, not computed again.
 
     Returns
     -------
@@ -104,20 +131,38 @@ def integration_report(
         ``ilisi``, ``batch_asw`` and, with labels, ``clisi``, ``label_asw``,
         ``graph_connectivity``, ``ari``, ``nmi``. Undefined scores are NaN.
     """
-    batch_codes, _ = category_codes(batches, "batches")
+    sampling = sampling or ReportSampling()
+    batch_codes, n_batches = category_codes(batches, "batches")
     Z = check_embedding(Z, batch_codes.size)
-    report = {
-        "ilisi": ilisi(Z, batch_codes, n_neighbors=n_neighbors),
-        "batch_asw": batch_asw(Z, batch_codes, labels),
-    }
-    if labels is not None:
-        label_codes, n_labels = category_codes(labels, "labels")
-        report["clisi"] = clisi(Z, label_codes, n_neighbors=n_neighbors)
-        report["label_asw"] = label_asw(Z, label_codes)
-        report["graph_connectivity"] = graph_connectivity(Z, label_codes)
-        clusters = cluster_embedding(Z, min(n_labels, Z.shape[0]), seed=seed)
-        report["ari"], report["nmi"] = ari_nmi(label_codes, clusters)
-    logger.info("integration: %s", ", ".join(f"{k}={v:.3f}" for k, v in report.items()))
+    label_codes, n_labels = (
+        category_codes(labels, "labels") if labels is not None else (np.zeros(batch_codes.size, np.int64), 1)
+    )
+    strata = strata_of(label_codes, batch_codes)
+    rows = stratified_subsample(strata, sampling.max_cells, seed)
+    lisi_rows = stratified_subsample(strata, sampling.lisi_cells, seed)
+    fresh_labels = labels is not None and label_scores is None
+    with config_context(working_memory=WORKING_MEMORY_MIB):
+        # one kNN search for iLISI and cLISI, only when one of them is defined
+        neighbors = (
+            knn(Z, n_neighbors, lisi_rows) if n_batches > 1 or (fresh_labels and n_labels > 1) else None
+        )
+        report = {
+            "ilisi": ilisi(Z, batch_codes, n_neighbors=n_neighbors, cells=lisi_rows, neighbors=neighbors),
+            "batch_asw": batch_asw(Z, batch_codes, label_codes, cells=rows),
+        }
+        if labels is not None and label_scores is not None:
+            report.update({k: float(label_scores[k]) for k in LABEL_METRICS})
+        elif labels is not None:
+            report["clisi"] = clisi(Z, label_codes, n_neighbors=n_neighbors, cells=lisi_rows, neighbors=neighbors)
+            report["label_asw"] = label_asw(Z, label_codes, cells=rows)
+            report["graph_connectivity"] = graph_connectivity(Z, label_codes, cells=rows)
+            clusters = cluster_embedding(Z, min(n_labels, Z.shape[0]), seed=seed, fit_cells=rows)
+            report["ari"], report["nmi"] = ari_nmi(label_codes, clusters)
+    logger.info(
+        "integration (%d cells%s%s): %s", batch_codes.size, "; label scores reused" if label_scores else "",
+        "" if rows is None else f", subsampled to {rows.size}" + ("" if lisi_rows is None else f" / {lisi_rows.size} for LISI"),
+        ", ".join(f"{k}={v:.3f}" for k, v in report.items()),
+    )
     return report
 
 
@@ -128,6 +173,8 @@ def site_report(
     *,
     n_neighbors: int = 90,
     seed: int = 0,
+    sampling: ReportSampling | None = None,
+    label_scores: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Integration metrics a site computes on its own cells, for its own batches.
 
@@ -145,7 +192,9 @@ def site_report(
     n_neighbors : int, default 90
         LISI neighbourhood, as :func:`integration_report`.
     seed : int, default 0
-        Random state of the clustering behind ARI/NMI.
+        Random state of the subsamples and the clustering behind ARI/NMI.
+    sampling, label_scores : optional
+        As :func:`integration_report`.
 
     Returns
     -------
@@ -154,7 +203,9 @@ def site_report(
         batch) plus ``n_cells`` and ``n_batches``, for :func:`combine_site_reports`.
     """
     batch_codes, n_batches = category_codes(batches, "batches")
-    report = integration_report(Z, batch_codes, labels, n_neighbors=n_neighbors, seed=seed)
+    report = integration_report(
+        Z, batch_codes, labels, n_neighbors=n_neighbors, seed=seed, sampling=sampling, label_scores=label_scores
+    )
     report["n_cells"] = float(batch_codes.size)
     report["n_batches"] = float(n_batches)
     return report

@@ -62,6 +62,8 @@ def lisi(
     *,
     perplexity: float = 30.0,
     n_neighbors: int | None = None,
+    cells: np.ndarray | None = None,
+    neighbors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Local Inverse Simpson Index of ``categories`` around each cell.
 
@@ -81,18 +83,24 @@ def lisi(
         Effective number of neighbours.
     n_neighbors : int or None, default None
         Neighbours searched; None is ``3 * perplexity`` as in Korsunsky's code.
+    cells : np.ndarray or None, default None
+        Score only these cells (row indices); their neighbours are still searched
+        among all cells, so each score is the exact LISI of that cell.
+    neighbors : (distances, indices) or None, default None
+        ``knn(Z, n_neighbors, cells)`` when already computed (shared by iLISI and cLISI).
 
     Returns
     -------
     np.ndarray
-        LISI per cell; NaN where the kernel vanishes (all neighbours too far).
+        LISI per cell (of ``cells``, in their order); NaN where the kernel vanishes
+        (all neighbours too far).
     """
     codes, n_categories = category_codes(categories, "categories")
     Z = check_embedding(Z, codes.size)
     k = int(3 * perplexity) if n_neighbors is None else int(n_neighbors)
-    distances, indices = knn(Z, k)
+    distances, indices = neighbors if neighbors is not None else knn(Z, k, cells)
     weights, entropy = _calibrated_weights(distances, perplexity)
-    n = codes.size
+    n = indices.shape[0]
     # Weight of each category per cell in one bincount over (cell, category) pairs.
     pairs = (np.arange(n)[:, None] * n_categories + codes[indices]).ravel()
     per_category = np.bincount(pairs, weights=weights.ravel(), minlength=n * n_categories)
@@ -107,19 +115,31 @@ def _scaled_median_lisi(
     name: str,
     n_neighbors: int,
     scale: Callable[[np.floating, int], np.floating],
+    cells: np.ndarray | None,
+    neighbors: tuple[np.ndarray, np.ndarray] | None,
 ) -> float:
     """``scale(median LISI, number of categories)``; NaN with fewer than two categories.
 
-    The LISI uses ``n_neighbors`` neighbours per cell and a third of it as perplexity.
+    The LISI uses ``n_neighbors`` neighbours per cell and a third of it as perplexity;
+    the median is over ``cells`` (all cells when None).
     """
     _, n_categories = category_codes(categories, name)
     if n_categories < 2:
         return float("nan")
-    scores = lisi(Z, categories, perplexity=n_neighbors / 3, n_neighbors=n_neighbors)
+    scores = lisi(
+        Z, categories, perplexity=n_neighbors / 3, n_neighbors=n_neighbors, cells=cells, neighbors=neighbors
+    )
     return float(scale(np.nanmedian(scores), n_categories))
 
 
-def ilisi(Z: np.ndarray, batches: np.ndarray | Sequence, *, n_neighbors: int = 90) -> float:
+def ilisi(
+    Z: np.ndarray,
+    batches: np.ndarray | Sequence,
+    *,
+    n_neighbors: int = 90,
+    cells: np.ndarray | None = None,
+    neighbors: tuple[np.ndarray, np.ndarray] | None = None,
+) -> float:
     """Batch mixing: median LISI of the batches scaled ``(median - 1) / (B - 1)``.
 
     Parameters
@@ -130,6 +150,8 @@ def ilisi(Z: np.ndarray, batches: np.ndarray | Sequence, *, n_neighbors: int = 9
         Batch of each cell (n,).
     n_neighbors : int, default 90
         Neighbours per cell; the perplexity is a third of it (30).
+    cells, neighbors : optional
+        Median over these cells only, and their precomputed kNN (see :func:`lisi`).
 
     Returns
     -------
@@ -137,17 +159,24 @@ def ilisi(Z: np.ndarray, batches: np.ndarray | Sequence, *, n_neighbors: int = 9
         1 for perfect mixing, 0 for separated batches; NaN with one batch.
     """
     return _scaled_median_lisi(
-        Z, batches, "batches", n_neighbors, lambda median, n: (median - 1) / (n - 1)
+        Z, batches, "batches", n_neighbors, lambda median, n: (median - 1) / (n - 1), cells, neighbors
     )
 
 
-def clisi(Z: np.ndarray, labels: np.ndarray | Sequence, *, n_neighbors: int = 90) -> float:
+def clisi(
+    Z: np.ndarray,
+    labels: np.ndarray | Sequence,
+    *,
+    n_neighbors: int = 90,
+    cells: np.ndarray | None = None,
+    neighbors: tuple[np.ndarray, np.ndarray] | None = None,
+) -> float:
     """Label separation: median LISI of the labels scaled ``(L - median) / (L - 1)``.
 
     ``labels`` are the label (cell type, domain) of each cell (n,); ``Z`` and
-    ``n_neighbors`` as for :func:`ilisi`. Returns 1 when each cell's neighbourhood
+    ``n_neighbors``, ``cells`` and ``neighbors`` as for :func:`ilisi`. Returns 1 when each cell's neighbourhood
     holds one label, NaN with one label.
     """
     return _scaled_median_lisi(
-        Z, labels, "labels", n_neighbors, lambda median, n: (n - median) / (n - 1)
+        Z, labels, "labels", n_neighbors, lambda median, n: (n - median) / (n - 1), cells, neighbors
     )
