@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from fedspatial.server.summary import comparison_rows, write_summary
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.evaluation.metrics import (
     Contingency,
@@ -18,7 +19,7 @@ from fedspatial.shared.evaluation.metrics import (
     nmi_from_contingency,
 )
 from fedspatial.shared.plots import plot_loss
-from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
+from fedspatial.shared.storage.atomic import write_json_atomic
 from fedspatial.strategies.privacy import central_dp_epsilon
 
 logger = logging.getLogger(__name__)
@@ -116,23 +117,17 @@ def write_run_report(
 
 def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table comparing modes (federated, local, centralized)."""
-    lines = [
-        "| mode | joint ARI | joint NMI | mean section ARI | median section ARI | wall s | s/round |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for mode, res in results.items():
-        lines.append(
-            f"| {mode} | {res['joint_ari']:.3f} | {res['joint_nmi']:.3f} | {res['mean_section_ari']:.3f} "
-            f"| {res['median_section_ari']:.3f} | {res['wall_s']:.1f} | {res['seconds_per_round']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    table = comparison_rows(results)
+    lines = ["| " + " | ".join(table.header) + " |", "| " + " | ".join("---" for _ in table.header) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table.rows]) + "\n"
 
 
 def write_comparison(folder: str | Path, results: Mapping[str, Mapping[str, Any]]) -> str:
-    table = comparison_table(results)
+    """``summary.json`` (the modes' scores), and ``summary.md`` and ``summary.html``
+    (:mod:`fedspatial.server.summary`); returns the mode table (Markdown)."""
     write_json_atomic(Path(folder) / "summary.json", results)
-    write_text_atomic(Path(folder) / "summary.md", "# fedspatial run summary\n\n" + table)
-    return table
+    write_summary(folder, results)
+    return comparison_table(results)
 
 
 def privacy_summary(

@@ -47,12 +47,65 @@ def _scatter(ax: Axes, coords: np.ndarray, values: pd.Series, colours: Mapping[s
     ax.invert_yaxis()  # image convention, as squidpy draws Visium sections
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+              ncol=1 if len(colours) <= 20 else 2)
+
+
+def domain_palette(n: int) -> list[str]:
+    """``n`` distinct colours (``"#rrggbb"``), the same list for the same ``n`` everywhere.
+
+    tab10 up to 10, tab20 up to 20, tab20 + tab20b + tab20c up to 60, then hues spread by
+    the golden angle at three lightness levels; no colour repeats. A site colours domain
+    ``i`` with ``domain_palette(K)[i]``, so one domain id has one colour at every hospital
+    (``uns["fedspatial_domain_colors"]`` of the annotated sections holds this list).
+    """
+    import colorsys
+
+    import matplotlib
+    from matplotlib.colors import to_hex
+
+    names = ("tab10",) if n <= 10 else ("tab20",) if n <= 20 else ("tab20", "tab20b", "tab20c")
+    colours: list[str] = []
+    for name in names:
+        cmap = matplotlib.colormaps[name]
+        colours += [to_hex(cmap(i)) for i in range(cmap.N)]
+    i = 0
+    while len(colours) < n:
+        hue, light = (i * 0.618033988749895) % 1.0, (0.35, 0.5, 0.65)[i % 3]
+        colour = to_hex(colorsys.hls_to_rgb(hue, light, 0.7))
+        if colour not in colours:
+            colours.append(colour)
+        i += 1
+    return colours[:n]
 
 
 def _palette(n: int) -> list[object]:
-    cmap = _pyplot().get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(n)]
+    return list(domain_palette(n))
+
+
+def federation_colours(domains: pd.Series, truth: pd.Series | None, n_domains: int) -> tuple[dict[str, object], dict[str, object]]:
+    """Colours for domains and labels with the federation's palette: domain ``i`` always
+    gets ``domain_palette(n_domains)[i]``; a label gets the colour of the domain it
+    overlaps most (Hungarian assignment), other labels colours no domain uses."""
+    dom_values = domains.astype(str)
+    ids = [int(v) for v in dom_values.unique() if v.lstrip("-").isdigit()]
+    palette = domain_palette(max([n_domains, *(i + 1 for i in ids)]))
+    dom_cats = sorted(dom_values.unique(), key=lambda v: (len(v), v))
+    dom_colours: dict[str, object] = {d: palette[int(d)] if d.isdigit() else "dimgrey" for d in dom_cats}
+    if truth is None or truth.notna().sum() == 0:
+        return dom_colours, {}
+    lab_cats = sorted(truth.dropna().astype(str).unique())
+    table = pd.crosstab(dom_values[truth.notna()], truth.dropna().astype(str))
+    table = table.reindex(index=dom_cats, columns=lab_cats, fill_value=0)
+    rows, cols = linear_sum_assignment(-table.to_numpy())
+    label_colours: dict[str, object] = {
+        lab_cats[c]: dom_colours[dom_cats[r]] for r, c in zip(rows, cols, strict=True) if table.iat[r, c] > 0
+    }
+    used = set(map(str, dom_colours.values()))
+    spare = iter(c for c in domain_palette(len(palette) + len(lab_cats)) if c not in used)
+    for lab in lab_cats:
+        label_colours.setdefault(lab, next(spare))
+    return dom_colours, {lab: label_colours[lab] for lab in lab_cats}
 
 
 def matched_colours(domains: pd.Series, truth: pd.Series | None) -> tuple[dict[str, object], dict[str, object]]:
@@ -81,13 +134,20 @@ def plot_section_domains(
     *,
     title: str,
     path: str | Path,
+    n_domains: int | None = None,
 ) -> Path:
-    """Predicted domains next to the true labels (when present) on the section's coordinates."""
+    """Predicted domains next to the true labels (when present) on the section's coordinates.
+
+    With ``n_domains`` (the federation's K) domain ``i`` has the federation's colour
+    (:func:`federation_colours`); without, colours follow the labels (:func:`matched_colours`)."""
     dom = pd.Series(np.asarray(domains)).astype(str)
     lab = pd.Series(np.asarray(truth, dtype=object)) if truth is not None else None
     if lab is not None:
         lab = lab.where(lab.notna() & (lab.astype(str) != ""), None)
-    dom_colours, lab_colours = matched_colours(dom, lab)
+    if n_domains is not None:
+        dom_colours, lab_colours = federation_colours(dom, lab, n_domains)
+    else:
+        dom_colours, lab_colours = matched_colours(dom, lab)
     panels = 2 if lab is not None else 1
     plt = _pyplot()
     fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 4.2), squeeze=False)
@@ -109,6 +169,7 @@ def plot_loss(curves: Mapping[str, Sequence[tuple[int, float]]], *, path: str | 
             rounds, values = zip(*points, strict=True)
             ax.plot(rounds, values, marker="o", ms=3, label=name)
     ax.set_xlabel("round")
+    integer_ticks(ax)
     ax.set_ylabel("reconstruction loss (MSE)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -117,6 +178,14 @@ def plot_loss(curves: Mapping[str, Sequence[tuple[int, float]]], *, path: str | 
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return Path(path)
+
+
+def integer_ticks(ax: Axes) -> None:
+    """Whole-number ticks on the x axis (rounds are 1, 2, 3, never 1.2)."""
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
 
 
 def plot_marker_dots(

@@ -77,8 +77,15 @@ def test_federated_simulation_end_to_end_and_resume(federation, tmp_path):
     assert annotated.obsm["X_fedspatial"].shape[1] == 8
     assert set(annotated.obs["fedspatial_domain"].cat.categories) == {str(i) for i in range(5)}
     assert annotated.obs["fedspatial_confidence"].between(0, 1).all()
+    record = annotated.uns["fedspatial"]  # the user's run name, not the mode (issue 19)
+    assert (record["run"], record["mode"], record["simulation"]) == ("it", "federated", "federated")
+    assert json.loads(record["config"])["training"]["num-rounds"] == 2 and record["version"]
+    assert len(annotated.uns["fedspatial_domain_colors"]) == 5
+    assert report["sections"][next(iter(report["sections"]))]["n_features_used"] == 80
     assert len(list((run / "sites").rglob("*_domains.png"))) == len(written)
     assert "federated" in (tmp_path / "it" / "summary.md").read_text()
+    assert (tmp_path / "it" / "summary.html").read_text().count("data:image/png;base64,") == len(
+        list((tmp_path / "it").rglob("*.png")))
     assert results["federated"]["wall_s"] > 0
     # Inputs untouched.
     assert all(p.read_bytes() == b for p, b in inputs.items())

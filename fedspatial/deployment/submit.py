@@ -97,6 +97,60 @@ def write_flwr_connection(flwr_home: Path, name: str, superlink: str, ca_cert: P
     return path
 
 
+# ----------------------------------------------------------------------------- the connection
+
+LOCAL_ADDRESSES = (":local:", ":local-in-memory:")
+"""Flower 1.42's connection addresses that start its own local simulation SuperLink."""
+
+
+def flwr_config_path(env: Mapping[str, str] | None = None) -> Path:
+    """Flower's connection file: ``$FLWR_HOME/config.toml``, else ``~/.flwr/config.toml``
+    (``flwr.supercore.utils.get_flwr_home``)."""
+    env = os.environ if env is None else env
+    home = env.get("FLWR_HOME")
+    return (Path(home) if home else Path.home() / ".flwr") / "config.toml"
+
+
+def default_connection_problem(env: Mapping[str, str] | None = None) -> str | None:
+    """Why ``flwr run`` with no connection named would not reach a federation, or None.
+
+    Without a connection ``flwr run`` uses ``[superlink] default`` of its config file,
+    which it creates when missing with ``default = "local"`` and ``address = ":local:"``:
+    Flower's own local simulation, which installs a runtime, runs the App without any
+    hospital's data and leaves a ``flower-superlink`` running. Reads the file, never
+    writes it.
+    """
+    import tomllib
+
+    path = flwr_config_path(env)
+    if not path.is_file():
+        return f"there is no Flower connection file ({path}), so `flwr run` would start Flower's own local simulation"
+    try:
+        superlink = tomllib.loads(path.read_text()).get("superlink", {})
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        return f"{path} cannot be read ({err})"
+    name = superlink.get("default") if isinstance(superlink, dict) else None
+    if not name:
+        return f"{path} names no default connection ([superlink] default)"
+    conn = superlink.get(name)
+    if not isinstance(conn, dict):
+        return f"{path}: the default connection '{name}' is not defined"
+    address = conn.get("address")
+    if address is None or address in LOCAL_ADDRESSES:
+        return (f"{path}: the default connection '{name}' is Flower's local simulation "
+                f"(address {address or 'unset'}), not a federation")
+    return None
+
+
+def connection_help(config: Path | str) -> str:
+    """The two ways to name the federation's SuperLink, as command lines."""
+    return (
+        f"  fedspatial submit {config} --superlink CENTER_HOST:9093 --ca-cert ca.crt\n"
+        f"  fedspatial submit {config} --connection NAME   "
+        f"(NAME: a [superlink.NAME] with the center's address in {flwr_config_path()})"
+    )
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -116,6 +170,13 @@ def run_submit(
     under the current folder, as ``fedspatial simulate`` would)."""
     from fedspatial.shared.config import load_config
 
+    if connection is None and superlink is None:
+        problem = default_connection_problem()
+        if problem is not None:
+            raise DeployError(
+                f"no federation to submit to: {problem}. Name the coordinating center's SuperLink:\n"
+                + connection_help(config)
+            )
     cfg = load_config(config, overrides)
     app = (app_dir or project_root() or Path.cwd()).expanduser().resolve()
     if not (app / "pyproject.toml").is_file():

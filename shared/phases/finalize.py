@@ -6,7 +6,10 @@ confidence bin only. The final domains stay in the site's state for the markers 
 Fields each annotated section gains (a copy of the input; the input is never modified):
 ``obsm["X_fedspatial"]`` (embedding), ``obsm["X_fedspatial_uncorrected"]`` (before
 Harmony, when it ran), ``obs["fedspatial_domain"]`` (categorical ``"0"``..``"K-1"``),
-``obs["fedspatial_confidence"]`` (posterior of that domain) and ``uns["fedspatial"]``.
+``obs["fedspatial_confidence"]`` (posterior of that domain), ``uns["fedspatial_domain_colors"]``
+(the federation's palette, ``"#rrggbb"`` per domain id: scanpy's ``<key>_colors`` convention,
+so ``sc.pl.spatial(adata, color="fedspatial_domain")`` draws the same colours at every site)
+and ``uns["fedspatial"]`` (:func:`run_record`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from fedspatial.shared.evaluation.calibration import (
 )
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site
 from fedspatial.shared.phases.embedding import embedding_of, uncorrected_embedding
-from fedspatial.shared.plots import plot_section_domains
+from fedspatial.shared.plots import domain_palette, plot_section_domains
 from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
 from fedspatial.shared.protocol.payload import Payload
 from fedspatial.shared.storage.atomic import write_atomic
 
 if TYPE_CHECKING:
+    from fedspatial.shared.config import ExperimentConfig
     from fedspatial.shared.data.sections import SiteSection
+    from fedspatial.shared.phases.setup import SiteSetup
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +72,8 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
     """Domains, confidence and outputs written at the site; returns (report, domain counts)."""
     z = embedding_of(site.state)
     before = uncorrected_embedding(site.state)
-    data = site.graph_data(site.setup())
+    setup = site.setup()
+    data = site.graph_data(setup)
     centroids = request.array("centroids")
     mixture = request.string("mixture", "none")
     logits: np.ndarray | None = None  # log weighted densities: what the calibration phase tempers
@@ -102,10 +108,14 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
             annotated.obsm["X_fedspatial_uncorrected"] = before[start:stop]
         annotated.obs["fedspatial_domain"] = pd.Categorical(dom.astype(str), categories=[str(i) for i in range(len(centroids))])
         annotated.obs["fedspatial_confidence"] = conf.astype(np.float32)
-        annotated.uns["fedspatial"] = {"run": run_name, "n_domains": len(centroids), "refine": refine}
+        annotated.uns["fedspatial_domain_colors"] = np.asarray(domain_palette(len(centroids)), dtype=object)
+        annotated.uns["fedspatial"] = run_record(site.cfg, run_name, n_domains=len(centroids), refine=refine)
         path = annotated_path(out_dir, section)
         write_atomic(path, annotated.write_h5ad)
-        entry: dict[str, Any] = {"site": section.site, "n_cells": int(stop - start), "output": str(path), "peak_rss_mb": peak_rss_mb()}
+        entry: dict[str, Any] = {
+            "site": section.site, "n_cells": int(stop - start), "output": str(path), "peak_rss_mb": peak_rss_mb(),
+            **features_used(section, setup),
+        }
         truth = section.adata.obs.get(label_key)
         if truth is not None:
             entry.update(metrics.section_scores(truth.to_numpy(), dom))
@@ -117,7 +127,8 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
                 calibration.setdefault(section.site, []).append(table)
         png = out_dir / f"{section.site}__{section.name}_domains.png"
         coords = np.asarray(section.adata.obsm[site.cfg.data.spatial_key])[:, :2]
-        plot_section_domains(coords, dom, truth.to_numpy() if truth is not None else None, title=section.key, path=png)
+        plot_section_domains(coords, dom, truth.to_numpy() if truth is not None else None, title=section.key, path=png,
+                             n_domains=len(centroids))
         entry["plot"] = str(png)
         report["sections"][key] = entry
         report["outputs"] += [str(path), str(png)]
@@ -133,6 +144,43 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
     site.state.put(DOMAINS_STATE, Payload(arrays=kept, config={"n-domains": len(centroids)}))
     logger.info("%s: wrote %d annotated sections to %s", site.name, len(site.sections), out_dir)
     return report, np.bincount(labels, minlength=len(centroids)).astype(np.int64)
+
+
+def run_record(cfg: ExperimentConfig, run_name: str, *, n_domains: int, refine: bool) -> dict[str, Any]:
+    """``uns["fedspatial"]`` of an annotated section: ``run`` (the run's name as the user
+    gave it), ``mode`` (federated, local or centralized), ``simulation`` (the Flower run's
+    own name: the mode, or the site in local mode), ``version`` (fedspatial's),
+    ``n_domains``, ``refine`` and ``config`` (the experiment config as a JSON string:
+    ``json.loads(adata.uns["fedspatial"]["config"])``). Strings, numbers and bools only,
+    which h5py writes."""
+    from fedspatial import __version__
+
+    sim = cfg.simulation
+    return {
+        "run": sim.simulated_run or run_name,
+        "mode": sim.simulated_mode or "federated",
+        "simulation": run_name if sim.simulated_mode else "",
+        "version": __version__,
+        "n_domains": int(n_domains),
+        "refine": bool(refine),
+        "config": json.dumps(cfg.to_dict(), sort_keys=False),
+    }
+
+
+def features_used(section: SiteSection, setup: SiteSetup) -> dict[str, int]:
+    """The section's feature counts for the run report: ``n_features`` (in its file),
+    ``n_features_shared`` (of those, in the federation's shared space, or in its own
+    panel's when mapped from a small panel), ``n_features_used`` (model inputs)."""
+    panel = setup.panel_of.get(section.key)
+    space = next((s for pid, s, _ in setup.maps if pid == panel), setup.space) if panel else setup.space
+    key = space.feature_key
+    names = section.adata.var[key] if key and key in section.adata.var else section.adata.var_names
+    own = set(map(str, names))
+    return {
+        "n_features": int(section.adata.n_vars),
+        "n_features_shared": sum(f in own for f in space.shared),
+        "n_features_used": sum(f in own for f in space.selected),
+    }
 
 
 def annotated_path(out_dir: Path, section: SiteSection) -> Path:

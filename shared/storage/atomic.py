@@ -1,4 +1,10 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+The final file gets the permissions a plain ``open(path, "w")`` would give it
+(``0o666`` less the process's umask), not the ``0o600`` of :func:`tempfile.mkstemp`:
+results are meant to be read by a lab's group. A process that must keep a file private
+sets its umask (``fedspatial`` units use ``0o027``) or chmods the file itself.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +26,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it
+    (``/proc/self/status``); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> Path:
