@@ -1,7 +1,8 @@
 """The ``fedspatial`` command line.
 
 ``fedspatial simulate CONFIG``    run a local federation (federated / local / centralized)
-``fedspatial inspect PATH``       validate one site's data before it joins a federation
+``fedspatial inspect PATH ...``   validate sites' data (one site, several, or a manifest) before a run
+``fedspatial manifest PATH ...``  write a federation manifest (one site per folder/file) to edit
 ``fedspatial make-demo-data DIR`` write the built-in synthetic federation
 
 Deployment (see deploy/README.md):
@@ -17,9 +18,14 @@ Deployment (see deploy/README.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedspatial.shared.config import ExperimentConfig
 
 logger = logging.getLogger("fedspatial")
 
@@ -55,6 +61,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.is_file():
             raise SystemExit(f"--resume {run_dir}: no config.yaml there; is it a fedspatial run folder?")
+        if args.data:
+            raise SystemExit("--resume continues a run on its own data (its federation.json); drop --data")
         cfg = load_config(cfg_path, overrides)
         cfg = ExperimentConfig.from_dict(
             {**cfg.to_dict(), "results-dir": str(run_dir.parent), "run-name": run_dir.name}
@@ -65,32 +73,81 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if args.run_name:
             overrides["run-name"] = args.run_name
         cfg = load_config(args.config, overrides)
+    federation = _preflight_simulation(args, cfg)
     modes = None if args.mode in (None, "all") else [args.mode]
-    results = simulate(cfg, modes=modes, resume=bool(args.resume))
+    results = simulate(cfg, modes=modes, resume=bool(args.resume), federation=federation)
     from fedspatial.server.report import comparison_table
 
     run_dir = Path(cfg.results_dir) / cfg.run_name
     print()
     print(comparison_table(results))
-    print(f"Results: {run_dir}/ (summary.md, <mode>/metrics.json, <mode>/loss.png, "
+    print(f"Results: {run_dir}/ (summary.md, summary.html, <mode>/metrics.json, <mode>/loss.png, "
           f"<mode>/sites/<site>/*.h5ad and *_domains.png)")
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from fedspatial.shared.data.io import inspect_site
-
-    summary, problems = inspect_site(
-        args.path, spatial_key=args.spatial_key, label_key=args.label_key
+def _preflight_simulation(args: argparse.Namespace, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """Check every site's data against the config before anything starts (raises
+    PreflightRefused); returns the manifest written for ``--data`` (None: the config's)."""
+    from fedspatial.own_data import (
+        check_before_run,
+        manifest_dict,
+        recheck_command,
+        site_inputs,
+        sites_of_manifest,
     )
-    if summary is not None:
-        print(summary.format())
-    if problems:
-        print(f"\n{len(problems)} problem(s) found in {args.path}:")
-        for p in problems:
-            print(f"  - {p}")
+    from fedspatial.shared.data.preflight import Settings
+    from fedspatial.simulation import ensure_federation
+
+    config_name = args.config or str(Path(args.resume) / "config.yaml")
+    if args.data:
+        sites = site_inputs(args.data)
+        manifest = ""
+    else:
+        manifest = str(ensure_federation(cfg))
+        sites = sites_of_manifest(manifest)
+    check_before_run(sites, Settings.from_config(cfg, config_name=config_name), allow=args.allow or (),
+                     recheck=recheck_command(config_name, args.data, manifest, args.set or ()))
+    return manifest_dict(sites) if args.data else None
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from fedspatial.own_data import sites_of_paths
+    from fedspatial.shared.data.preflight import Settings, run_preflight
+
+    settings = Settings()
+    if args.config:
+        from fedspatial.shared.config import load_config
+
+        settings = Settings.from_config(load_config(args.config, _parse_set(args.set)), config_name=args.config)
+    keys = {k: v for k, v in (("spatial_key", args.spatial_key), ("label_key", args.label_key),
+                              ("feature_key", args.feature_key)) if v is not None}
+    settings = dataclasses.replace(settings, **keys)
+    report = run_preflight(sites_of_paths(args.path), settings)
+    where = " ".join(args.path)
+    single = len(report.sites) == 1
+    if single and report.sites[0].summary is not None:
+        print(report.sites[0].summary.format())
+        print()
+    print(report.format())
+    if report.errors:
+        print(f"\n{len(report.errors)} problem(s) found in {where}: fix them before a run.")
         return 1
-    print(f"\n{args.path}: OK, ready to join a federation.")
+    if report.warnings:
+        kinds = " ".join(sorted({f"--allow {f.kind}" for f in report.warnings}))
+        print(f"\n{where}: usable, but `fedspatial simulate` refuses these warnings unless told {kinds}.")
+        return 0
+    print(f"\n{where}: OK, ready to join a federation.")
+    return 0
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from fedspatial.own_data import write_manifest
+
+    out = write_manifest(args.path, Path(args.out), overwrite=args.overwrite)
+    print(f"manifest written: {out} ({len(args.path)} site(s); data paths relative to its folder).")
+    print(f"Edit the site names if needed, check it with `fedspatial inspect {out}`, and run it with "
+          f"`fedspatial simulate CONFIG --set data.manifest={out}`.")
     return 0
 
 
@@ -317,6 +374,8 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedspatial.shared.data.crosssite import KINDS
+
     parser = argparse.ArgumentParser(prog="fedspatial", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -329,13 +388,35 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config key, e.g. --set training.num-rounds=5 (repeatable)")
+    sim.add_argument("--data", nargs="+", metavar="[NAME=]PATH",
+                     help="your own sites: each folder, .h5ad file or SpatialData .zarr store is one hospital "
+                     "(named after it, or NAME=PATH); the manifest is written into the run folder")
+    sim.add_argument("--allow", action="append", choices=sorted(KINDS), metavar="KIND",
+                     help="go ahead despite this pre-flight warning (repeatable): "
+                     + "; ".join(f"{k}: {v}" for k, v in KINDS.items()))
     sim.set_defaults(func=_cmd_simulate)
 
-    ins = sub.add_parser("inspect", help="validate a site's .h5ad file or folder and summarize it")
-    ins.add_argument("path")
-    ins.add_argument("--spatial-key", default="spatial")
-    ins.add_argument("--label-key", default="domain")
+    ins = sub.add_parser("inspect", help="check sites' data (one site, several, or a manifest) and compare them",
+                         description="Validate each site's sections and compare the sites: features per "
+                         "site and shared, what the federation would drop, species/identifier scheme, label "
+                         "columns, count-like X. With --config, also the config against the data, exactly "
+                         "as `fedspatial simulate` checks before it starts.")
+    ins.add_argument("path", nargs="+", metavar="PATH",
+                     help="site folders / .h5ad files / .zarr stores ([NAME=]PATH), or one federation.json")
+    ins.add_argument("--config", help="also check this experiment config against the data")
+    ins.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (with --config)")
+    ins.add_argument("--spatial-key", help="obsm key of the coordinates (default: spatial, or the config's)")
+    ins.add_argument("--label-key", help="obs column of the labels (default: domain, or the config's)")
+    ins.add_argument("--feature-key", help="var column matching features across sites (default: var_names)")
     ins.set_defaults(func=_cmd_inspect)
+
+    man = sub.add_parser("manifest", help="write a federation manifest for your site folders, to edit",
+                         description="Write a federation manifest: one site per folder, .h5ad file or "
+                         ".zarr store, named after it (or NAME=PATH), data paths relative to the manifest.")
+    man.add_argument("path", nargs="+", metavar="[NAME=]PATH")
+    man.add_argument("--out", default="federation.json", help="manifest file (default: federation.json)")
+    man.add_argument("--overwrite", action="store_true")
+    man.set_defaults(func=_cmd_manifest)
 
     demo = sub.add_parser("make-demo-data", help="write the built-in synthetic federation")
     demo.add_argument("folder", nargs="?", default="data/synthetic")
@@ -352,11 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from fedspatial.deployment.errors import DeployError
+    from fedspatial.own_data import PreflightRefused
     from fedspatial.shared.config import ConfigError
+    from fedspatial.shared.data.manifest import ManifestError
 
     try:
         return int(args.func(args))
-    except (ConfigError, DeployError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, DeployError, FileExistsError, FileNotFoundError, ManifestError, PreflightRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

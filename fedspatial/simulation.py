@@ -118,6 +118,8 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, sim_name: str, nodes: list[dic
             # every simulated site must answer, unless the config's min-nodes allows fewer
             "min-nodes": min(cfg.training.min_nodes, len(nodes)) or len(nodes),
             "resume": resume,
+            "simulated-mode": sim_name.split("/")[0],  # what the sites record in their h5ad
+            "simulated-run": cfg.run_name,
         }
     )
     n_cpus = max(1, min(cfg.simulation.num_cpus, os.cpu_count() or 1))
@@ -172,10 +174,20 @@ def _mode_result(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def simulate(
-    cfg: ExperimentConfig, *, modes: list[str] | None = None, resume: bool = False, integration_report: bool = True
+    cfg: ExperimentConfig,
+    *,
+    modes: list[str] | None = None,
+    resume: bool = False,
+    integration_report: bool = True,
+    federation: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the configured modes; writes ``<results-dir>/<run-name>/summary.md`` and, unless
-    ``integration_report`` is False, each joint mode's ``integration.md|json`` and plot."""
+    ``integration_report`` is False, each joint mode's ``integration.md|json`` and plot.
+
+    ``federation``: a manifest (``{"sites": [...]}``, absolute data paths) to run instead of
+    ``data.manifest``; it is written to ``<run>/federation.json`` and recorded as the run's
+    ``data.manifest`` (so ``--resume`` finds it). ``fedspatial simulate`` checks the data
+    (:mod:`fedspatial.own_data`) before calling this."""
     modes = modes or cfg.simulation.modes
     run_dir = (Path(cfg.results_dir) / cfg.run_name).resolve()
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -183,8 +195,14 @@ def simulate(
             f"{run_dir} already exists: pick another run-name, delete it, or continue it with "
             f"`fedspatial simulate --resume {run_dir}`"
         )
+    manifest_path = ensure_federation(cfg) if federation is None else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(ensure_federation(cfg))
+    if federation is not None:
+        manifest_path = run_dir / "federation.json"
+        write_json_atomic(manifest_path, federation)
+        cfg = ExperimentConfig.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "manifest": str(manifest_path)}})
+    assert manifest_path is not None
+    manifest = read_manifest(manifest_path)
     check_site_policies(manifest)
     import yaml
 

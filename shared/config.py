@@ -41,6 +41,10 @@ class DataConfig:
     label_key: str = "domain"
     feature_key: str = ""
     """`var` column to match features across sites (e.g. gene_ids); empty: var_names."""
+    expect_counts: bool = True
+    """X holds raw counts (sequencing, imaging transcript counts): `fedspatial simulate`
+    refuses non-integer X unless told `--allow non-counts`. false: intensities (CODEX,
+    IMC, MSI) are expected and non-integer X is fine."""
 
 
 @dataclass
@@ -180,6 +184,11 @@ class SimulationConfig:
     cpus_per_client: int = 1
     """CPU cores (torch threads) of each simulated SuperNode, the single node of the
     centralized and local modes included."""
+    simulated_mode: Literal["", "federated", "local", "centralized"] = ""
+    """Set by ``fedspatial simulate`` for each mode's Flower run (which runs under the
+    run-name of the mode, or of the site for local); empty in a deployment (federated)."""
+    simulated_run: str = ""
+    """Set by ``fedspatial simulate``: the run-name the user gave (recorded by the sites)."""
 
 
 @dataclass

@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 
 def check_site_data(data_path: str | Path, *, spatial_key: str = "spatial", label_key: str = "domain") -> str:
-    """Run ``fedspatial inspect``'s validation on a hospital's data path.
+    """Run ``fedspatial inspect``'s checks on a hospital's data path: errors refuse, the
+    warnings (non-count X, tiny or all-zero sections, shared coordinates ...) are logged.
 
     Returns
     -------
@@ -59,7 +60,7 @@ def check_site_data(data_path: str | Path, *, spatial_key: str = "spatial", labe
     DeployError
         When the path is missing or any problem is found.
     """
-    from fedspatial.shared.data.io import inspect_site
+    from fedspatial.shared.data.preflight import Settings, run_preflight
 
     path = Path(data_path).expanduser()
     if not path.exists():
@@ -67,10 +68,14 @@ def check_site_data(data_path: str | Path, *, spatial_key: str = "spatial", labe
             f"data path {path} does not exist: give the folder (or .h5ad file) holding this "
             "hospital's sections with --data-path, and check it with `fedspatial inspect PATH`"
         )
-    summary, problems = inspect_site(path, spatial_key=spatial_key, label_key=label_key)
+    report = run_preflight([(path.resolve().name or str(path), str(path))], Settings(spatial_key=spatial_key, label_key=label_key))
+    problems = [f.message for f in report.errors]
     if problems:
         listed = "\n  - ".join(problems)
         raise DeployError(f"{len(problems)} problem(s) in {path} (`fedspatial inspect {path}`):\n  - {listed}")
+    for finding in report.warnings:  # the run config (n-neighbors, labels) decides; the data manager should know
+        logger.warning("data check [%s]: %s", finding.kind, finding.message)
+    summary = report.sites[0].summary if report.sites else None
     return summary.format() if summary is not None else ""
 
 

@@ -18,6 +18,12 @@ import anndata
 import numpy as np
 import pandas as pd
 
+from fedspatial.shared.data.formats import (
+    FormatError,
+    is_spatialdata_store,
+    read_section_file,
+    vendor_folder_hint,
+)
 from fedspatial.shared.data.validation import DataValidationError, validate_section
 
 log = logging.getLogger(__name__)
@@ -80,8 +86,8 @@ def list_h5ad(path: str | Path) -> list[Path]:
             f"{path}: no such file or folder. Fix: point the site's data path at a .h5ad file "
             "or at a folder of .h5ad files (one per tissue section)."
         )
-    if path.is_file():
-        if path.suffix.lower() != H5AD_SUFFIX:
+    if path.is_file() or is_spatialdata_store(path):
+        if path.suffix.lower() not in (H5AD_SUFFIX, ".zarr"):
             raise ValueError(
                 f"{path}: not a .h5ad file. Fix: convert the data to AnnData and save it with "
                 "adata.write_h5ad('section.h5ad') (e.g. via scanpy/squidpy readers)."
@@ -91,8 +97,11 @@ def list_h5ad(path: str | Path) -> list[Path]:
     files = [
         p
         for p in entries
-        if p.is_file() and p.suffix.lower() == H5AD_SUFFIX and not p.name.startswith(".")
+        if ((p.is_file() and p.suffix.lower() == H5AD_SUFFIX) or is_spatialdata_store(p))
+        and not p.name.startswith(".")
     ]
+    if not files and (hint_vendor := vendor_folder_hint(path)):
+        raise ValueError(hint_vendor)
     if not files:
         subfolders = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
         hint = (
@@ -101,8 +110,8 @@ def list_h5ad(path: str | Path) -> list[Path]:
             else ""
         )
         raise FileNotFoundError(
-            f"{path}: folder holds no .h5ad files.{hint} Fix: put one .h5ad file per tissue section "
-            "directly in the site's data folder."
+            f"{path}: folder holds no .h5ad files (nor SpatialData .zarr stores).{hint} Fix: put one "
+            ".h5ad file (or .zarr store) per tissue section directly in the site's data folder."
         )
     return files
 
@@ -132,10 +141,12 @@ def _collect_files(paths: str | Path | Sequence[str | Path]) -> tuple[list[Path]
     return files, problems
 
 
-def _read_h5ad(file: Path) -> tuple[anndata.AnnData | None, str | None]:
+def _read_h5ad(file: Path, spatial_key: str = "spatial") -> tuple[anndata.AnnData | None, str | None]:
     """Read a whole file into memory (never backed mode, so the file is never opened for writing)."""
     try:
-        return anndata.read_h5ad(file), None
+        return read_section_file(file, spatial_key=spatial_key), None
+    except FormatError as exc:
+        return None, str(exc)
     except Exception as exc:  # h5py/anndata raise many types for corrupt or foreign files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return None, (
@@ -191,7 +202,7 @@ def _read_site(
     files, problems = _collect_files(paths)
     sections: list[Section] = []
     for file in files:
-        adata, error = _read_h5ad(file)
+        adata, error = _read_h5ad(file, spatial_key)
         if adata is None:
             problems.append(error or f"cannot read {file}")
             continue
