@@ -270,11 +270,12 @@ def test_unlisted_app_is_refused_before_it_runs_and_a_listed_one_runs(material: 
             (res.stdout + res.stderr)[-4000:]
         report = dep.report("pinned")
         assert set(report["sites"]) == {"hospital_b"}
-        # Dropped at its first message, before it could describe itself: named by its node id.
+        # Dropped at its first message, before it could describe itself: named by its key's registration.
         log_a = dep.log("client-hospital_a.log")
         node_a = log_a.split("SuperNode ID: ")[1].split()[0]
-        assert list(report["dropped-sites"]) == [f"node {node_a}"], report["dropped-sites"]
-        dropped = report["dropped-sites"][f"node {node_a}"]
+        who = f"hospital_a (registered key; node {node_a})"
+        assert list(report["dropped-sites"]) == [who], report["dropped-sites"]
+        dropped = report["dropped-sites"][who]
         assert f"app bundle sha256:{digest} is not on this hospital's allow-list" in dropped, dropped
         assert "fedspatial app-hash" in dropped
         refused = [line for line in log_a.splitlines() if "REFUSED run" in line]
