@@ -98,12 +98,25 @@ def node_groups(manifest: dict[str, Any], mode: str) -> list[tuple[str, list[dic
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def run_one(cfg: ExperimentConfig, run_dir: Path, sim_name: str, nodes: list[dict[str, Any]], *, resume: bool) -> dict[str, Any]:
-    """One Flower simulation; returns the run report (metrics.json)."""
+def run_one(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    sim_name: str,
+    nodes: list[dict[str, Any]],
+    *,
+    resume: bool,
+    client_app: Any = None,
+) -> dict[str, Any]:
+    """One Flower simulation; returns the run report (metrics.json).
+
+    ``client_app``: a :class:`flwr.clientapp.ClientApp` to run instead of fedspatial's
+    (benchmarks and tests wrap it to make one site misbehave)."""
     from flwr.simulation import run_simulation
 
-    from fedspatial.client.app import app as client_app
     from fedspatial.server.app import make_server_app
+
+    if client_app is None:
+        from fedspatial.client.app import app as client_app
 
     sim_dir = run_dir / sim_name
     manifest_path = sim_dir / "nodes.json"
@@ -180,6 +193,7 @@ def simulate(
     resume: bool = False,
     integration_report: bool = True,
     federation: dict[str, Any] | None = None,
+    client_app: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the configured modes; writes ``<results-dir>/<run-name>/summary.md`` and, unless
     ``integration_report`` is False, each joint mode's ``integration.md|json`` and plot.
@@ -187,7 +201,7 @@ def simulate(
     ``federation``: a manifest (``{"sites": [...]}``, absolute data paths) to run instead of
     ``data.manifest``; it is written to ``<run>/federation.json`` and recorded as the run's
     ``data.manifest`` (so ``--resume`` finds it). ``fedspatial simulate`` checks the data
-    (:mod:`fedspatial.own_data`) before calling this."""
+    (:mod:`fedspatial.own_data`) before calling this. ``client_app``: see :func:`run_one`."""
     modes = modes or cfg.simulation.modes
     run_dir = (Path(cfg.results_dir) / cfg.run_name).resolve()
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -218,7 +232,7 @@ def simulate(
                 report.setdefault("simulation-wall-seconds", report.get("wall-seconds", float("nan")))
             else:
                 logger.info("%s: %d SuperNode(s): %s", sim_name, len(nodes), ", ".join(n["name"] for n in nodes))
-                report = run_one(cfg, run_dir, sim_name, nodes, resume=resume)
+                report = run_one(cfg, run_dir, sim_name, nodes, resume=resume, client_app=client_app)
             reports.append(report)
         results[mode] = _mode_result(reports)
         if mode != "local" and integration_report:  # local runs have no joint embedding to assess
