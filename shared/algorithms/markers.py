@@ -27,7 +27,7 @@ import pandas as pd
 from scipy import sparse
 
 from fedspatial.shared.features.feature_stats import to_numpy
-from fedspatial.shared.features.harmonization import restrict_counts
+from fedspatial.shared.features.harmonization import count_blocks
 from fedspatial.shared.features.normalization import (
     check_target_sum,
     log1p_matrix,
@@ -143,17 +143,20 @@ def domain_gene_sums(
         dom = np.asarray(dom, dtype=np.int64)
         if dom.shape != (adata.n_obs,) or (dom.size and (dom.min() < 0 or dom.max() >= k)):
             raise ValueError(f"domains must be {adata.n_obs} ids in 0..{k - 1}")
-        logged = log1p_matrix(normalize_total_f64(restrict_counts(adata, genes, feature_key, layer), target))
-        # (K x n) indicator times (n x G): per-domain column sums in one product
-        member = sparse.csr_matrix((np.ones(dom.size), (dom, np.arange(dom.size))), shape=(k, dom.size))
-        if isinstance(logged, sparse.csr_matrix):
-            squared, positive = logged.multiply(logged), (logged > 0).astype(np.float64)
-        else:
-            squared, positive = logged**2, (logged > 0).astype(np.float64)
         n_cells += np.bincount(dom, minlength=k)
-        sums += _dense(member @ logged)
-        sums_sq += _dense(member @ squared)
-        expressed += _dense(member @ positive)
+        # block by block, so that all genes of a large section never sit in memory in float64
+        for rows, counts in count_blocks(adata, genes, feature_key, layer):
+            logged = log1p_matrix(normalize_total_f64(counts, target))
+            d = dom[rows]
+            # (K x n) indicator times (n x G): per-domain column sums in one product
+            member = sparse.csr_matrix((np.ones(d.size), (d, np.arange(d.size))), shape=(k, d.size))
+            if isinstance(logged, sparse.csr_matrix):
+                squared, positive = logged.multiply(logged), (logged > 0).astype(np.float64)
+            else:
+                squared, positive = logged**2, (logged > 0).astype(np.float64)
+            sums += _dense(member @ logged)
+            sums_sq += _dense(member @ squared)
+            expressed += _dense(member @ positive)
     return DomainGeneSums(genes, n_cells, sums, sums_sq, expressed)
 
 

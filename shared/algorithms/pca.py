@@ -50,10 +50,14 @@ class PCABasis:
         """Project rows of ``X``; with ``whiten_first`` every axis is divided by the
         standard deviation of the first one, so inputs are O(1) and relative variances
         (what the reconstruction loss weighs) are kept."""
-        z = (np.asarray(X, dtype=np.float64) - self.mean) @ self.components.T
-        if whiten_first and self.explained_variance[0] > 0:
-            z /= np.sqrt(self.explained_variance[0])
-        return z.astype(np.float32)
+        X = np.asarray(X)
+        scale = np.sqrt(self.explained_variance[0]) if whiten_first and self.explained_variance[0] > 0 else 1.0
+        out = np.empty((len(X), self.n_components), dtype=np.float32)
+        step = 65_536  # rows: the float64 copy of a 500,000-cell input would be GiBs
+        for start in range(0, len(X), step):
+            block = (X[start : start + step].astype(np.float64) - self.mean) @ self.components.T
+            out[start : start + step] = block / scale
+        return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean, "components": self.components, "explained_variance": self.explained_variance}

@@ -119,7 +119,23 @@ def section_features(section: SiteSection, space: FeatureSpace, *, scale: str = 
     return _standardize(x, space.max_value) if scale == "section" else x
 
 
-def _standardize(x: np.ndarray, max_value: float) -> np.ndarray:
-    std = x.std(axis=0, ddof=1) if len(x) > 1 else np.ones(x.shape[1], dtype=x.dtype)
+def _standardize(x: np.ndarray, max_value: float, *, block_rows: int = 65_536) -> np.ndarray:
+    """Each column of ``x`` (float32, rewritten in place) centred, scaled by its sample
+    std and clipped; statistics in float64, in blocks of rows so that no float64 copy of
+    a large section is made."""
+    x = np.asarray(x, dtype=np.float32)
+    n = len(x)
+    total, total_sq = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for start in range(0, n, block_rows):
+        block = x[start : start + block_rows].astype(np.float64)
+        total += block.sum(axis=0)
+    mean = total / max(n, 1)
+    for start in range(0, n, block_rows):  # two passes: sum of squared deviations is stable
+        block = x[start : start + block_rows].astype(np.float64) - mean
+        total_sq += (block * block).sum(axis=0)
+    std = np.sqrt(total_sq / (n - 1)) if n > 1 else np.ones(x.shape[1])
     std[std == 0] = 1.0
-    return np.clip((x - x.mean(axis=0)) / std, -max_value, max_value).astype(np.float32, copy=False)
+    for start in range(0, n, block_rows):
+        block = (x[start : start + block_rows].astype(np.float64) - mean) / std
+        x[start : start + block_rows] = np.clip(block, -max_value, max_value)
+    return x

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import sparse
 
-from fedspatial.shared.features.harmonization import check_features, restrict_counts
+from fedspatial.shared.features.harmonization import check_features, count_blocks
 from fedspatial.shared.features.normalization import (
     check_target_sum,
     log1p_matrix,
@@ -153,26 +153,9 @@ def compute_feature_stats(
     sums = {name: np.zeros(n_features, dtype=np.float64) for name in STAT_FIELDS}
     n_cells = 0
     for adata in sections:
-        x = restrict_counts(adata, feats, feature_key, layer)
-        norm = normalize_total_f64(x, target)
-        logged = log1p_matrix(norm)
-        n_cells += x.shape[0]
-        if isinstance(x, sparse.csr_matrix):
-            assert isinstance(norm, sparse.csr_matrix) and isinstance(logged, sparse.csr_matrix)
-            idx = norm.indices
-            sums["sum_norm"] += np.bincount(idx, weights=norm.data, minlength=n_features)
-            sums["sumsq_norm"] += np.bincount(idx, weights=norm.data**2, minlength=n_features)
-            sums["sum_log"] += np.bincount(idx, weights=logged.data, minlength=n_features)
-            sums["sumsq_log"] += np.bincount(idx, weights=logged.data**2, minlength=n_features)
-            sums["n_detected"] += np.bincount(
-                x.indices, weights=(x.data > 0).astype(np.float64), minlength=n_features
-            )
-        else:
-            sums["sum_norm"] += norm.sum(axis=0)
-            sums["sumsq_norm"] += (norm**2).sum(axis=0)
-            sums["sum_log"] += logged.sum(axis=0)
-            sums["sumsq_log"] += (logged**2).sum(axis=0)
-            sums["n_detected"] += (np.asarray(x) > 0).sum(axis=0)
+        n_cells += adata.n_obs
+        for _, x in count_blocks(adata, feats, feature_key, layer):  # temporaries bounded by a block
+            _accumulate(sums, x, target, n_features)
     logger.info(
         "compute_feature_stats: %d cells in %d section(s), %d features",
         n_cells,
@@ -180,6 +163,28 @@ def compute_feature_stats(
         n_features,
     )
     return FeatureStats(features=feats, n_cells=n_cells, **sums)
+
+
+def _accumulate(
+    sums: dict[str, np.ndarray], x: np.ndarray | sparse.csr_matrix, target: float, n_features: int
+) -> None:
+    """Add one block of counts' per-feature sums to ``sums``."""
+    norm = normalize_total_f64(x, target)
+    logged = log1p_matrix(norm)
+    if isinstance(x, sparse.csr_matrix):
+        assert isinstance(norm, sparse.csr_matrix) and isinstance(logged, sparse.csr_matrix)
+        idx = norm.indices
+        sums["sum_norm"] += np.bincount(idx, weights=norm.data, minlength=n_features)
+        sums["sumsq_norm"] += np.bincount(idx, weights=norm.data**2, minlength=n_features)
+        sums["sum_log"] += np.bincount(idx, weights=logged.data, minlength=n_features)
+        sums["sumsq_log"] += np.bincount(idx, weights=logged.data**2, minlength=n_features)
+        sums["n_detected"] += np.bincount(x.indices, weights=(x.data > 0).astype(np.float64), minlength=n_features)
+    else:
+        sums["sum_norm"] += norm.sum(axis=0)
+        sums["sumsq_norm"] += (norm**2).sum(axis=0)
+        sums["sum_log"] += logged.sum(axis=0)
+        sums["sumsq_log"] += (logged**2).sum(axis=0)
+        sums["n_detected"] += (np.asarray(x) > 0).sum(axis=0)
 
 
 def merge_feature_stats(stats: Sequence[FeatureStats]) -> FeatureStats:

@@ -8,7 +8,7 @@ in its order. Every mismatch raises :class:`HarmonizationError`, naming what is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,12 +23,18 @@ if TYPE_CHECKING:
 __all__ = [
     "HarmonizationError",
     "check_features",
+    "count_blocks",
     "duplicate_names",
     "feature_names",
     "preview_names",
     "restrict_counts",
+    "row_block_size",
     "shared_features",
 ]
+
+# Entries of one block of rows: 2**24 float64 values are 128 MiB, so a whole-section
+# computation's temporaries stay bounded however many cells a section holds.
+BLOCK_ENTRIES = 1 << 24
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +155,48 @@ def restrict_counts(
     adata: AnnData, features: Sequence[str], feature_key: str | None, layer: str | None
 ) -> np.ndarray | sparse.csr_matrix:
     """Counts of ``adata`` for ``features``, in that order (CSR or dense)."""
+    return _take(_counts(adata, layer), slice(None), _positions(adata, features, feature_key))
+
+
+def row_block_size(n_features: int, block_entries: int | None = None) -> int:
+    """Rows per block so that a dense block of ``n_features`` columns holds about
+    ``block_entries`` values (default :data:`BLOCK_ENTRIES`; at least one row)."""
+    entries = BLOCK_ENTRIES if block_entries is None else int(block_entries)
+    return max(1, entries // max(int(n_features), 1))
+
+
+def count_blocks(
+    adata: AnnData,
+    features: Sequence[str],
+    feature_key: str | None,
+    layer: str | None,
+    *,
+    block_rows: int | None = None,
+) -> Iterator[tuple[slice, np.ndarray | sparse.csr_matrix]]:
+    """:func:`restrict_counts` of consecutive blocks of rows: ``(rows, counts)`` pairs.
+
+    Per-cell steps (normalization, ``log1p``, standardization) and sums over cells give
+    the same result block by block, with temporaries bounded by the block instead of
+    the section (a Xenium section holds 10^5-10^6 cells).
+
+    Parameters
+    ----------
+    block_rows
+        Rows per block; default :func:`row_block_size` of ``len(features)``.
+    """
+    positions = _positions(adata, features, feature_key)
+    x = _counts(adata, layer)
+    step = int(block_rows or row_block_size(len(positions)))
+    if step < 1:
+        raise ValueError(f"block_rows must be >= 1; got {block_rows}")
+    n = adata.n_obs
+    for start in range(0, max(n, 1), step):
+        rows = slice(start, min(start + step, n))
+        yield rows, _take(x, rows, positions)
+
+
+def _positions(adata: AnnData, features: Sequence[str], feature_key: str | None) -> np.ndarray:
+    """Column of each of ``features`` in ``adata`` (HarmonizationError if missing or ambiguous)."""
     names = pd.Index(feature_names(adata, feature_key))
     wanted = pd.Index([str(f) for f in features])
     missing = [f for f in wanted if f not in names]
@@ -161,14 +209,18 @@ def restrict_counts(
         if dups:
             msg = f"feature(s) appear more than once in the data: {preview_names(sorted(dups))}."
             raise HarmonizationError(msg)
-        positions = np.array([names.get_loc(f) for f in wanted], dtype=np.int64)
-    else:
-        positions = names.get_indexer(wanted).astype(np.int64)
-    x = as_matrix(_counts(adata, layer))[:, positions]
-    if isinstance(x, sparse.csr_matrix):
-        x = sparse.csr_matrix(x)
-        x.sum_duplicates()
-    return x
+        return np.array([names.get_loc(f) for f in wanted], dtype=np.int64)
+    return names.get_indexer(wanted).astype(np.int64)
+
+
+def _take(x: Any, rows: slice, positions: np.ndarray) -> np.ndarray | sparse.csr_matrix:
+    """Rows ``rows`` and columns ``positions`` of a counts matrix (CSR or dense)."""
+    block = x[rows] if rows != slice(None) else x
+    out = as_matrix(block)[:, positions]
+    if isinstance(out, sparse.csr_matrix):
+        out = sparse.csr_matrix(out)
+        out.sum_duplicates()
+    return out
 
 
 def check_features(features: Sequence[str]) -> list[str]:

@@ -46,9 +46,9 @@ from fedspatial.shared.features.feature_stats import (
 from fedspatial.shared.features.harmonization import (
     HarmonizationError,
     check_features,
+    count_blocks,
     feature_names,
     preview_names,
-    restrict_counts,
     shared_features,
 )
 from fedspatial.shared.features.highly_variable import (
@@ -288,12 +288,16 @@ def transform(adata: AnnData, space: FeatureSpace, *, layer: str | None = None) 
     HarmonizationError
         If ``adata`` lacks shared features (they are named).
     """
-    x = restrict_counts(adata, space.shared, space.feature_key, layer)
-    logged = log1p_matrix(normalize_total_f64(x, space.target_sum))
     position = {f: i for i, f in enumerate(space.shared)}
     cols = np.array([position[f] for f in space.selected], dtype=np.int64)
-    sub = logged[:, cols]
-    dense = sub.toarray() if isinstance(sub, sparse.csr_matrix) else np.asarray(sub)
-    z = (dense - space.mean.astype(np.float64)) / space.std.astype(np.float64)
-    np.clip(z, -space.max_value, space.max_value, out=z)
-    return z.astype(np.float32)
+    mean, std = space.mean.astype(np.float64), space.std.astype(np.float64)
+    out = np.empty((adata.n_obs, len(cols)), dtype=np.float32)
+    # block by block: a 500,000-cell section's float64 temporaries would be several GiB
+    for rows, x in count_blocks(adata, space.shared, space.feature_key, layer):
+        logged = log1p_matrix(normalize_total_f64(x, space.target_sum))
+        sub = logged[:, cols]
+        dense = sub.toarray() if isinstance(sub, sparse.csr_matrix) else np.asarray(sub)
+        z = (dense - mean) / std
+        np.clip(z, -space.max_value, space.max_value, out=z)
+        out[rows] = z
+    return out

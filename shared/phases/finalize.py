@@ -14,6 +14,7 @@ and ``uns["fedspatial"]`` (:func:`run_record`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import resource
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
@@ -102,7 +104,7 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
             dom = clustering.refine_labels(dom, np.where(local >= 0, local - start, -1))
         final.append(dom)
         conf = posterior[start:stop][np.arange(stop - start), dom]
-        annotated = section.adata.copy()
+        annotated = _annotated_copy(section.adata)
         annotated.obsm["X_fedspatial"] = z[start:stop]
         if before is not None:
             annotated.obsm["X_fedspatial_uncorrected"] = before[start:stop]
@@ -181,6 +183,20 @@ def features_used(section: SiteSection, setup: SiteSetup) -> dict[str, int]:
         "n_features_shared": sum(f in own for f in space.shared),
         "n_features_used": sum(f in own for f in space.selected),
     }
+
+
+def _annotated_copy(adata: ad.AnnData) -> ad.AnnData:
+    """A new AnnData for the annotated output: its own obs, obsm and uns (what gets
+    written to), the input's matrices shared read-only rather than copied (a 500,000-cell
+    section's counts are GiBs)."""
+    out = ad.AnnData(
+        X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=copy.deepcopy(dict(adata.uns)),
+        obsm={k: v.copy() for k, v in adata.obsm.items()}, varm=dict(adata.varm.items()),
+        layers=dict(adata.layers.items()), obsp=dict(adata.obsp.items()), varp=dict(adata.varp.items()),
+    )
+    if adata.raw is not None:
+        out.raw = adata.raw.to_adata()
+    return out
 
 
 def annotated_path(out_dir: Path, section: SiteSection) -> Path:
