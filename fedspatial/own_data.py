@@ -28,6 +28,8 @@ class PreflightRefused(Exception):
 def site_name_of(path: Path) -> str:
     """A site's default name: its folder's name, or the file/store name without suffix."""
     name = path.resolve().name if path.name in ("", ".", "..") else path.name
+    if name == "outs":  # a Space Ranger / Xenium Ranger outs/ folder: name it after its run
+        name = path.resolve().parent.name
     for suffix in _SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]

@@ -1,10 +1,14 @@
-"""Section formats besides ``.h5ad``: SpatialData ``.zarr`` stores, and a clear message
-for raw instrument output (Space Ranger Visium folders, Xenium output).
+"""Section formats besides ``.h5ad``: SpatialData ``.zarr`` stores, 10x Genomics output
+folders (Space Ranger Visium, Xenium), and a clear message for other raw instrument output.
 
 A SpatialData store is read into memory (never opened for writing): its table becomes
 the section, and when the table has no ``obsm[spatial_key]`` the coordinates are the
 centroids of the shapes/points/labels the table annotates. The ``spatialdata`` package
 is an optional extra (``pip install 'fedspatial[io]'``).
+
+A Space Ranger ``outs/`` folder or a Xenium output folder (or a folder holding ``outs/``)
+is one section, read in memory by :mod:`fedspatial.shared.data.tenx` (see there for
+the files read and why neither spatialdata-io nor scanpy is needed).
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ from typing import Any
 import anndata
 import numpy as np
 
+from fedspatial.shared.data.tenx import TenxError, read_tenx, tenx_folder
+
 log = logging.getLogger(__name__)
 
 ZARR_SUFFIX = ".zarr"
 INSTALL_IO = "pip install 'fedspatial[io]'  (or: pip install spatialdata)"
 
-# Files that identify raw instrument output folders.
-_SPACERANGER = ("filtered_feature_bc_matrix.h5", "raw_feature_bc_matrix.h5", "spatial/tissue_positions.csv",
-                "spatial/tissue_positions_list.csv", "spatial/tissue_positions.parquet")
-_XENIUM = ("experiment.xenium", "cell_feature_matrix.h5", "cells.parquet", "transcripts.parquet")
+# Raw output that fedspatial does not read itself: (marker glob patterns, what, converter).
+_OTHER_VENDORS = (
+    (("cell_by_gene.csv", "cell_metadata.csv", "detected_transcripts.csv"), "Vizgen MERSCOPE", "merscope"),
+    (("*exprMat_file.csv*", "*metadata_file.csv*", "*fov_positions_file.csv*"), "NanoString CosMx", "cosmx"),
+)
 
 
 class FormatError(ValueError):
@@ -36,23 +43,41 @@ def is_spatialdata_store(path: Path) -> bool:
     return path.is_dir() and path.suffix.lower() == ZARR_SUFFIX
 
 
+def is_section_folder(path: Path) -> bool:
+    """A folder that is one section: a SpatialData store or a 10x output folder."""
+    return is_spatialdata_store(path) or tenx_folder(path) is not None
+
+
+def section_stem(path: Path) -> str:
+    """A section's default name: the file/store name without suffix, or the 10x folder's
+    name (the name of the folder holding ``outs/`` for an ``outs/`` folder)."""
+    if (found := tenx_folder(path)) is not None:
+        root = found[1]
+        return root.resolve().parent.name if root.name == "outs" else root.resolve().name
+    return path.stem
+
+
 def vendor_folder_hint(path: Path) -> str | None:
-    """A fix for a raw Space Ranger / Xenium output folder, or None for any other folder."""
-    found = [name for name in _SPACERANGER if (path / name).exists()]
-    if found:
-        return (
-            f"{path} looks like a Space Ranger (Visium) output folder ({found[0]}), not a site folder. "
-            "Fix: convert it to a SpatialData store or .h5ad first, e.g. "
-            "`spatialdata_io.visium(PATH).write('section.zarr')` (pip install spatialdata-io) or "
-            "`scanpy.read_visium(PATH).write_h5ad('section.h5ad')`, and put the result in the site's folder"
-        )
-    found = [name for name in _XENIUM if (path / name).exists()]
-    if found:
-        return (
-            f"{path} looks like a Xenium output folder ({found[0]}), not a site folder. Fix: convert it "
-            "first, e.g. `spatialdata_io.xenium(PATH).write('section.zarr')` (pip install spatialdata-io), "
-            "and put the .zarr store in the site's folder"
-        )
+    """A fix for raw instrument output fedspatial does not read itself, or None."""
+    for root in (path, path / "outs"):
+        if (root / "binned_outputs").is_dir():
+            bins = sorted(p.name for p in (root / "binned_outputs").iterdir() if p.is_dir())
+            example = root / "binned_outputs" / (bins[-1] if bins else "square_016um")
+            return (
+                f"{path} looks like a Visium HD output folder (binned_outputs/), which holds one "
+                f"section per bin size ({', '.join(bins) or 'none found'}). Fix: give one bin size's "
+                f"folder as the section, e.g. {example} (reading its tissue_positions.parquet needs "
+                "pyarrow: pip install pyarrow)"
+            )
+    for patterns, what, reader in _OTHER_VENDORS:
+        found = [name for pattern in patterns for name in sorted(p.name for p in path.glob(pattern))]
+        if found:
+            return (
+                f"{path} looks like a {what} output folder ({found[0]}), which fedspatial does not "
+                f"read directly. Fix: convert it first, e.g. `spatialdata_io.{reader}(PATH)"
+                ".write('section.zarr')` (pip install spatialdata-io), and put the .zarr store (or an "
+                ".h5ad with coordinates in obsm['spatial']) in the site's folder"
+            )
     return None
 
 
@@ -116,7 +141,31 @@ def _centroids(sdata: Any, table: anndata.AnnData, path: Path, name: str) -> np.
 
 
 def read_section_file(file: Path, *, spatial_key: str = "spatial") -> anndata.AnnData:
-    """Read one section (``.h5ad`` file or SpatialData store) fully into memory."""
+    """Read one section fully into memory, never writing to it.
+
+    Parameters
+    ----------
+    file
+        A ``.h5ad`` file, a SpatialData ``.zarr`` store, or a Space Ranger / Xenium output
+        folder (see :func:`~fedspatial.shared.data.tenx.tenx_folder`).
+    spatial_key
+        ``obsm`` key that receives the coordinates when the reader derives them.
+
+    Returns
+    -------
+    anndata.AnnData
+        Observations x features, in memory (never backed).
+
+    Raises
+    ------
+    FormatError
+        When a store or folder cannot be turned into a section; the message names the fix.
+    """
     if is_spatialdata_store(file):
         return read_spatialdata(file, spatial_key=spatial_key)
+    if (found := tenx_folder(file)) is not None:
+        try:
+            return read_tenx(found[1], found[0], spatial_key=spatial_key, name=section_stem(file))
+        except TenxError as exc:
+            raise FormatError(str(exc)) from None
     return anndata.read_h5ad(file)

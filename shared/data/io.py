@@ -1,7 +1,9 @@
-"""Reading a site's spatial sections from ``.h5ad`` files.
+"""Reading a site's spatial sections from ``.h5ad`` files (and the formats of
+:mod:`~fedspatial.shared.data.formats`: SpatialData stores, Space Ranger and Xenium folders).
 
-A site's data path is one ``.h5ad`` file or a folder of them (one file per tissue
-section, or one file split into sections by an ``obs`` column). Files are read fully into
+A site's data path is one section (``.h5ad`` file, ``.zarr`` store, 10x output folder) or
+a folder of them (one per tissue section, or one file split into sections by an ``obs``
+column). Files are read fully into
 memory and never written, so input data is never modified. Loading validates every
 section and reports all problems at once, so a data manager can fix everything in one go.
 """
@@ -20,10 +22,13 @@ import pandas as pd
 
 from fedspatial.shared.data.formats import (
     FormatError,
+    is_section_folder,
     is_spatialdata_store,
     read_section_file,
+    section_stem,
     vendor_folder_hint,
 )
+from fedspatial.shared.data.tenx import tenx_folder
 from fedspatial.shared.data.validation import DataValidationError, validate_section
 
 log = logging.getLogger(__name__)
@@ -66,8 +71,10 @@ def list_h5ad(path: str | Path) -> list[Path]:
     Parameters
     ----------
     path
-        A ``.h5ad`` file, or a folder whose ``.h5ad`` files (non-recursive) are returned
-        sorted by name. Hidden files (e.g. interrupted temporary writes) are skipped.
+        A ``.h5ad`` file, a SpatialData ``.zarr`` store or a Space Ranger / Xenium output
+        folder (one section), or a folder whose sections (``.h5ad`` files, ``.zarr`` stores,
+        10x output folders; non-recursive) are returned sorted by name. Hidden files (e.g.
+        interrupted temporary writes) are skipped.
 
     Returns
     -------
@@ -88,16 +95,22 @@ def list_h5ad(path: str | Path) -> list[Path]:
         )
     if path.is_file() or is_spatialdata_store(path):
         if path.suffix.lower() not in (H5AD_SUFFIX, ".zarr"):
-            raise ValueError(
-                f"{path}: not a .h5ad file. Fix: convert the data to AnnData and save it with "
-                "adata.write_h5ad('section.h5ad') (e.g. via scanpy/squidpy readers)."
+            folder = tenx_folder(path.parent)
+            fix = (
+                f"give the whole output folder {folder[1]} as the section"
+                if folder is not None
+                else "convert the data to AnnData and save it with adata.write_h5ad('section.h5ad') "
+                "(e.g. via scanpy/squidpy readers)"
             )
+            raise ValueError(f"{path}: not a .h5ad file. Fix: {fix}.")
         return [path]
+    if (found := tenx_folder(path)) is not None and found[1] == path:
+        return [path]  # a Space Ranger / Xenium output folder is one section
     entries = sorted(path.iterdir())
     files = [
         p
         for p in entries
-        if ((p.is_file() and p.suffix.lower() == H5AD_SUFFIX) or is_spatialdata_store(p))
+        if ((p.is_file() and p.suffix.lower() == H5AD_SUFFIX) or is_section_folder(p))
         and not p.name.startswith(".")
     ]
     if not files and (hint_vendor := vendor_folder_hint(path)):
@@ -110,8 +123,9 @@ def list_h5ad(path: str | Path) -> list[Path]:
             else ""
         )
         raise FileNotFoundError(
-            f"{path}: folder holds no .h5ad files (nor SpatialData .zarr stores).{hint} Fix: put one "
-            ".h5ad file (or .zarr store) per tissue section directly in the site's data folder."
+            f"{path}: folder holds no .h5ad files (nor SpatialData .zarr stores, Space Ranger or "
+            f"Xenium output folders).{hint} Fix: put one .h5ad file (or .zarr store, or 10x output "
+            "folder) per tissue section directly in the site's data folder."
         )
     return files
 
@@ -149,6 +163,11 @@ def _read_h5ad(file: Path, spatial_key: str = "spatial") -> tuple[anndata.AnnDat
         return None, str(exc)
     except Exception as exc:  # h5py/anndata raise many types for corrupt or foreign files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if file.is_dir() and not is_spatialdata_store(file):
+            return None, (
+                f"cannot read the 10x output folder {file}: {type(exc).__name__}: {reason}. Fix: "
+                "check that the folder is a complete, unchanged copy of the instrument's output."
+            )
         return None, (
             f"cannot read {file} as AnnData (.h5ad): {type(exc).__name__}: {reason}. Fix: check that "
             "the file is complete (not truncated by a copy) and was written with "
@@ -161,7 +180,7 @@ def _split_sections(
 ) -> tuple[list[Section], list[str]]:
     """Split one file into sections by ``obs[section_key]`` (or keep it whole)."""
     if section_key is None:
-        return [Section(name=file.stem, source=file, adata=adata)], []
+        return [Section(name=section_stem(file), source=file, adata=adata)], []
     if section_key not in adata.obs:
         columns = _listing([str(c) for c in adata.obs.columns]) or "none"
         return [], [
@@ -178,7 +197,7 @@ def _split_sections(
         ]
     values = values.astype(str).to_numpy()
     return [
-        Section(name=f"{file.stem}/{value}", source=file, adata=adata[values == value].copy())
+        Section(name=f"{section_stem(file)}/{value}", source=file, adata=adata[values == value].copy())
         for value in sorted(set(values))
     ], []
 

@@ -157,7 +157,7 @@ def _unique_coordinate_rows(adata: Any, spatial_key: str) -> int | None:
     coords = coords.to_numpy() if isinstance(coords, pd.DataFrame) else np.asarray(coords)
     if coords.ndim != 2 or coords.shape[0] != adata.n_obs or not np.issubdtype(coords.dtype, np.number):
         return None
-    return int(len(np.unique(coords[:, :2], axis=0)))
+    return len(np.unique(coords[:, :2], axis=0))
 
 
 def _section_facts(
