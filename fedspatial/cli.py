@@ -30,7 +30,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fedspatial")
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, *, quiet: bool = False) -> None:
+    """INFO lines (``-v``: DEBUG) on stderr.
+
+    ``quiet`` (``fedspatial simulate`` without ``-v``): only WARNING and ERROR lines, as
+    ``warning: ...``; the INFO records wait in a buffer until the run's log file exists
+    (:class:`fedspatial.console.RunConsole` writes them there)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -38,6 +43,14 @@ def _setup_logging(verbose: bool) -> None:
         force=True,  # opacus calls logging.basicConfig on import; ours must win
     )
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
+    if quiet and not verbose:
+        from fedspatial.console import BufferHandler, UserFormatter
+
+        root = logging.getLogger()
+        for handler in root.handlers:
+            handler.setLevel(logging.WARNING)
+            handler.setFormatter(UserFormatter())
+        root.addHandler(BufferHandler())
 
 
 def _parse_set(items: list[str] | None) -> dict[str, object]:
@@ -51,9 +64,19 @@ def _parse_set(items: list[str] | None) -> dict[str, object]:
     return overrides
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user fixes (a config, a path, the data): ``error: ...``, exit status 2."""
+    from fedspatial.deployment.errors import DeployError
+    from fedspatial.own_data import PreflightRefused
+    from fedspatial.shared.config import ConfigError
+    from fedspatial.shared.data.manifest import ManifestError
+
+    return (ConfigError, DeployError, FileExistsError, FileNotFoundError, ManifestError, PreflightRefused)
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedspatial.shared.config import ExperimentConfig, load_config
-    from fedspatial.simulation import simulate
+    from fedspatial.simulation import LOG_NAME, refuse_existing_run, simulate
 
     overrides = _parse_set(args.set)
     if args.resume:
@@ -75,10 +98,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
     federation = _preflight_simulation(args, cfg)
     modes = None if args.mode in (None, "all") else [args.mode]
-    results = simulate(cfg, modes=modes, resume=bool(args.resume), federation=federation)
+    run_dir = Path(cfg.results_dir) / cfg.run_name
+    refuse_existing_run(run_dir.resolve(), resume=bool(args.resume))
+    import yaml
+
+    from fedspatial.console import RunConsole, RunFailed
+
+    command = " ".join(getattr(args, "argv", None) or sys.argv[1:])
+    notes = f"command: fedspatial {command}\nconfig:\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}"
+    try:
+        with RunConsole(run_dir / LOG_NAME, verbose=args.verbose, expected=_expected_errors(), notes=notes):
+            results = simulate(cfg, modes=modes, resume=bool(args.resume), federation=federation)
+    except RunFailed as failed:
+        return failed.exit_code
     from fedspatial.server.report import comparison_table
 
-    run_dir = Path(cfg.results_dir) / cfg.run_name
     print()
     print(comparison_table(results))
     print(f"Results: {run_dir}/ (summary.md, summary.html, <mode>/metrics.json, <mode>/loss.png, "
@@ -377,11 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     from fedspatial.shared.data.crosssite import KINDS
 
     parser = argparse.ArgumentParser(prog="fedspatial", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging; `simulate`: also show its whole log (Flower, Ray), not only the progress")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a local federated simulation from a YAML config")
     sim.add_argument("config", nargs="?", help="experiment config (YAML), e.g. configs/demo.yaml")
+    sim.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="also show the whole log (Flower, Ray, every fedspatial line), not only the progress")
     sim.add_argument("--mode", choices=["federated", "local", "centralized", "all"], default=None,
                      help="run one mode (default: the config's simulation.modes)")
     sim.add_argument("--run-name", help="results go to <results-dir>/<run-name>/")
@@ -389,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config key, e.g. --set training.num-rounds=5 (repeatable)")
     sim.add_argument("--data", nargs="+", metavar="[NAME=]PATH",
-                     help="your own sites: each folder, .h5ad file or SpatialData .zarr store is one hospital "
+                     help="your own sites: each folder, .h5ad file, SpatialData .zarr store or Space Ranger / Xenium output folder is one hospital "
                      "(named after it, or NAME=PATH); the manifest is written into the run folder")
     sim.add_argument("--allow", action="append", choices=sorted(KINDS), metavar="KIND",
                      help="go ahead despite this pre-flight warning (repeatable): "
@@ -402,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "columns, count-like X. With --config, also the config against the data, exactly "
                          "as `fedspatial simulate` checks before it starts.")
     ins.add_argument("path", nargs="+", metavar="PATH",
-                     help="site folders / .h5ad files / .zarr stores ([NAME=]PATH), or one federation.json")
+                     help="site folders / .h5ad files / .zarr stores / Space Ranger or Xenium folders ([NAME=]PATH), or one federation.json")
     ins.add_argument("--config", help="also check this experiment config against the data")
     ins.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (with --config)")
     ins.add_argument("--spatial-key", help="obsm key of the coordinates (default: spatial, or the config's)")
@@ -431,15 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    from fedspatial.deployment.errors import DeployError
-    from fedspatial.own_data import PreflightRefused
-    from fedspatial.shared.config import ConfigError
-    from fedspatial.shared.data.manifest import ManifestError
-
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the run's log
+    _setup_logging(args.verbose, quiet=args.command == "simulate")
     try:
         return int(args.func(args))
-    except (ConfigError, DeployError, FileExistsError, FileNotFoundError, ManifestError, PreflightRefused) as err:
+    except _expected_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -10,13 +10,19 @@ only the grouping of sites into SuperNodes differs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
+import re
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedspatial.server import progress
 from fedspatial.server.report import contingency_from_json, summarize_sites, write_comparison
 from fedspatial.server.run_store import RunExistsError
 from fedspatial.shared.config import ExperimentConfig
@@ -29,6 +35,63 @@ from fedspatial.shared.evaluation.metrics import (
 from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
+
+LOG_NAME = "log.txt"
+"""``fedspatial simulate``'s log of a run, in the run folder (:mod:`fedspatial.console`)."""
+
+# Warnings nobody running a simulation can act on, silenced where they are raised:
+# (category, start of the message) for Python's warnings filters in this process ...
+_NOISE_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # Ray's advice about a future default for GPU visibility (we ask for no GPUs)
+    (FutureWarning, "Tip: In future versions of Ray"),
+    # torch_geometric scripts two classes at import (torch 2.10+ deprecates torch.jit)
+    (DeprecationWarning, "`torch.jit.script` is deprecated"),
+)
+# ... and in Ray's workers, where the torch one comes once per actor: through
+# PYTHONWARNINGS, read when each worker process starts (no ':' in a message part).
+_ACTOR_WARNINGS = "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    """Flower's "DEPRECATED FEATURE: run_simulation" notice: the in-process simulation is
+    what ``fedspatial simulate`` is, on purpose (one process, no SuperLink)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("DEPRECATED FEATURE" in str(record.msg) and "run_simulation" in record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_runtime() -> Iterator[None]:
+    """Silence :data:`_NOISE_WARNINGS` and Flower's ``run_simulation`` deprecation for one
+    simulation, in this process and in the Ray workers it starts; restored afterwards."""
+    flower = logging.getLogger("flwr")
+    drop = _DropRunSimulationDeprecation()
+    previous = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = f"{previous},{_ACTOR_WARNINGS}" if previous else _ACTOR_WARNINGS
+    flower.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for category, text in _NOISE_WARNINGS:
+                warnings.filterwarnings("ignore", message=re.escape(text), category=category)
+            yield
+    finally:
+        flower.removeFilter(drop)
+        if previous is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = previous
+
+
+def refuse_existing_run(run_dir: Path, *, resume: bool) -> None:
+    """Raise :class:`RunExistsError` when ``run_dir`` holds a run and this is no resume
+    (a folder holding only a log of an earlier failed start is reused)."""
+    if resume or not run_dir.exists():
+        return
+    if any(p.name != LOG_NAME for p in run_dir.iterdir()):
+        raise RunExistsError(
+            f"{run_dir} already exists: pick another run-name, delete it, or continue it with "
+            f"`fedspatial simulate --resume {run_dir}`"
+        )
 
 
 def ensure_federation(cfg: ExperimentConfig) -> Path:
@@ -144,21 +207,31 @@ def run_one(
         "init_args": {"num_cpus": n_cpus, "include_dashboard": False, "log_to_driver": True},
     }
     t0 = time.perf_counter()
-    run_simulation(
-        server_app=make_server_app(run_config),
-        client_app=client_app,
-        num_supernodes=len(nodes),
-        backend_config=backend_config,  # type: ignore[arg-type]
-    )
+    with _quiet_runtime():
+        run_simulation(
+            server_app=make_server_app(run_config),
+            client_app=client_app,
+            num_supernodes=len(nodes),
+            backend_config=backend_config,  # type: ignore[arg-type]
+        )
     metrics_path = sim_dir / "metrics.json"
     if not metrics_path.exists():
         raise RuntimeError(
             f"the {sim_name} simulation ended without results ({metrics_path} missing); "
-            "see the log above for the failing step"
+            "the run's log shows the failing step"
         )
     report = json.loads(metrics_path.read_text())
     report["simulation-wall-seconds"] = time.perf_counter() - t0
     return report
+
+
+def _joint_ari(report: dict[str, Any]) -> float:
+    """A simulation's joint ARI from its report (NaN without labels)."""
+    value = report.get("joint", {}).get("ari")
+    try:
+        return float(value) if value is not None and math.isfinite(float(value)) else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _mode_result(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -204,11 +277,7 @@ def simulate(
     (:mod:`fedspatial.own_data`) before calling this. ``client_app``: see :func:`run_one`."""
     modes = modes or cfg.simulation.modes
     run_dir = (Path(cfg.results_dir) / cfg.run_name).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise RunExistsError(
-            f"{run_dir} already exists: pick another run-name, delete it, or continue it with "
-            f"`fedspatial simulate --resume {run_dir}`"
-        )
+    refuse_existing_run(run_dir, resume=resume)
     manifest_path = ensure_federation(cfg) if federation is None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     if federation is not None:
@@ -222,26 +291,42 @@ def simulate(
 
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results: dict[str, dict[str, Any]] = {}
-    for mode in modes:
+    plan = [(mode, node_groups(manifest, mode)) for mode in modes]
+    count = sum(len(groups) for _, groups in plan)
+    n_sites = sum(len(node["sites"]) for node in manifest["nodes"])
+    progress.run_started(list(modes), simulations=count, sites=n_sites, num_rounds=cfg.training.num_rounds)
+    index = 0
+    for mode_index, (mode, groups) in enumerate(plan, start=1):
         reports = []
-        for sim_name, nodes in node_groups(manifest, mode):
+        for part, (sim_name, nodes) in enumerate(groups, start=1):
+            index += 1
+            progress.simulation_started(
+                sim_name, mode=mode, mode_index=mode_index, mode_count=len(plan), index=index, count=count,
+                part=part, parts=len(groups), nodes=[n["name"] for n in nodes],
+                sites=sum(len(n["sites"]) for n in nodes),
+            )
             done = run_dir / sim_name / "metrics.json"
-            if resume and done.exists():
+            reused = resume and done.exists()
+            if reused:
                 logger.info("%s: already finished, reusing %s", sim_name, done)
                 report = json.loads(done.read_text())
                 report.setdefault("simulation-wall-seconds", report.get("wall-seconds", float("nan")))
             else:
-                logger.info("%s: %d SuperNode(s): %s", sim_name, len(nodes), ", ".join(n["name"] for n in nodes))
                 report = run_one(cfg, run_dir, sim_name, nodes, resume=resume, client_app=client_app)
+            progress.simulation_done(sim_name, seconds=float(report["simulation-wall-seconds"]),
+                                     ari=_joint_ari(report), reused=reused)
             reports.append(report)
         results[mode] = _mode_result(reports)
         if mode != "local" and integration_report:  # local runs have no joint embedding to assess
             from fedspatial.server.integration_report import write_integration_report
 
+            progress.phase_started("integration report")
             c = cfg.clustering
             write_integration_report(
                 run_dir / mode, batch_key=c.harmony if c.harmony != "none" else "site",
                 label_key=cfg.data.label_key, seed=cfg.seed, layout="pca",
             )
+        progress.mode_done(mode, mode_index=mode_index, mode_count=len(plan), seconds=results[mode]["wall_s"],
+                           ari=float(results[mode]["joint_ari"]))
     write_comparison(run_dir, results)
     return results

@@ -21,6 +21,7 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedspatial.records import from_recorddict, to_recorddict
+from fedspatial.server import progress
 from fedspatial.server.messaging import SiteError, SiteGroup, ask, wait_for_nodes
 from fedspatial.server.report import privacy_summary, write_run_report
 from fedspatial.server.run_store import RunStore
@@ -104,6 +105,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     store = RunStore(Path(cfg.results_dir) / cfg.run_name, resume=cfg.resume)
     store.open(run_config)
     saved = store.load_round()
+    progress.phase_started("waiting for the sites")
     nodes = wait_for_nodes(grid, cfg.training.min_nodes or 1)
     # From here on a site that fails is dropped; the run stops once fewer than min-nodes
     # remain (0: every site that was there at the start; 1 when a site whose privacy
@@ -130,6 +132,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     fed = FlowerFederation(group, run_config, store)
     for phase in PHASES:
         if phase.enabled(run):
+            progress.phase_started(phase.name)
             phase.run(fed, run)
     assert run.training is not None
     names = {str(node): name for node, name in group.names.items()}

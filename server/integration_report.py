@@ -348,6 +348,19 @@ def write_integration_report(
     summary["seconds_by_part"] = {"read": t1 - t0, "metrics": t2 - t1, "plot": t3 - t2}
     write_json_atomic(mode_dir / "integration.json", summary)
     write_text_atomic(mode_dir / "integration.md", report_markdown(summary, mode_dir))
-    logger.info("integration report of %s: iLISI %s after correction (%s)", mode_dir.name,
-                _fmt(summary[POOLED]["after"].get("ilisi")), POOLED)
+    logger.info("integration report of %s: iLISI %s after correction (%s)%s", mode_dir.name,
+                _fmt(summary[POOLED]["after"].get("ilisi")), POOLED, _ilisi_note(cells, summary))
     return summary
+
+
+def _ilisi_note(cells: _Cells, summary: Mapping[str, Any]) -> str:
+    """Why an iLISI is n/a (logged as ``ilisi=nan``): batch mixing needs two batches or more."""
+    notes = []
+    if summary["n_batches"] < 2:
+        notes.append(f"the pooled iLISI is n/a: all cells are from one {summary['batch_key']}, and batch mixing "
+                     "needs two or more (expected with one site); nothing failed")
+    single = sorted(site for site in set(cells.site) if len(set(cells.section[cells.site == site])) < 2)
+    if single:
+        notes.append(f"the within-site iLISI of {', '.join(single)} is n/a (ilisi=nan above): a site with one "
+                     "section has no second batch to mix; nothing failed")
+    return "; " + "; ".join(notes) if notes else ""

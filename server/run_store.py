@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord
 from safetensors.torch import load_file
 
+from fedspatial.server import progress
 from fedspatial.shared.storage.atomic import write_json_atomic
 from fedspatial.shared.storage.checkpoint import WEIGHTS, save_checkpoint
 
@@ -35,6 +36,7 @@ class RunStore:
     def __init__(self, folder: str | Path, *, resume: bool = False) -> None:
         self.folder = Path(folder)
         self.resume = resume
+        self.num_rounds = 0  # from the run config (open): the N of "round i/N" progress events
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -54,11 +56,14 @@ class RunStore:
             )
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.folder / "config.json", run_config)
+        self.num_rounds = int(run_config.get("num-rounds", 0) or 0)
 
     def save_round(self, server_round: int, arrays: ArrayRecord, state: dict[str, Any]) -> None:
         save_checkpoint(self.checkpoint_dir, arrays.to_torch_state_dict(), {"model": state["model"]})
         write_json_atomic(self.checkpoint_dir / "state.json", {**state, "round": server_round})
-        logger.info("checkpoint: round %d saved to %s", server_round, self.checkpoint_dir)
+        # Every training path (FedAvg, central DP, SecAgg+) checkpoints here after each round:
+        # the one place that knows a round is done, for the progress display too.
+        progress.round_finished(server_round, self.num_rounds, str(self.checkpoint_dir))
 
     def load_round(self) -> tuple[int, ArrayRecord, dict[str, Any]] | None:
         """``(round, arrays, state)`` of the last checkpoint, or None."""
