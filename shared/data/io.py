@@ -168,6 +168,12 @@ def _read_h5ad(file: Path, spatial_key: str = "spatial") -> tuple[anndata.AnnDat
                 f"cannot read the 10x output folder {file}: {type(exc).__name__}: {reason}. Fix: "
                 "check that the folder is a complete, unchanged copy of the instrument's output."
             )
+        if file.is_dir():  # a .zarr folder
+            return None, (
+                f"cannot read the SpatialData store {file}: {type(exc).__name__}: {reason}. Fix: check "
+                "that the folder is a complete store written with sdata.write(...) (it needs its "
+                "tables/ group); copy it again from the original if it is partial."
+            )
         return None, (
             f"cannot read {file} as AnnData (.h5ad): {type(exc).__name__}: {reason}. Fix: check that "
             "the file is complete (not truncated by a copy) and was written with "

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedspatial.shared.storage.hints import did_you_mean
+
 EXAMPLE = '{"sites": [{"name": "hospital_a", "data-path": "hospital_a/"}]}'
 
 
@@ -83,14 +85,20 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ManifestError(f"federation manifest {path} does not exist") from None
+        raise ManifestError(
+            f"federation manifest {path} does not exist{did_you_mean(path)} (write one with "
+            "`fedspatial manifest SITE_FOLDER ...`, or give the sites with `--data`)"
+        ) from None
     except IsADirectoryError:
         raise ManifestError(
             f"federation manifest {path} is a folder; give the manifest's .json file, or "
             f"the site folders themselves (`fedspatial simulate CONFIG --data {path}/SITE ...`)"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ManifestError(f"federation manifest {path} is not valid JSON: {err}") from None
+        raise ManifestError(
+            f"federation manifest {path} is not valid JSON: {err}. Fix the file there (`python -m "
+            f"json.tool {path}` shows the first error), or write a new one with `fedspatial manifest`"
+        ) from None
     raw = _check_shape(path, raw)
     base = path.parent
     for node in raw["nodes"]:
