@@ -43,7 +43,12 @@ from fedspatial.shared.training.loop import GraphData
 logger = logging.getLogger(__name__)
 LEDGER_KEY = "fedspatial-privacy-ledger"
 _CACHE: OrderedDict[tuple[Any, ...], SiteRuntime] = OrderedDict()
-_CACHE_SIZE = 4
+# A process keeps the sites it served (least recently used dropped first) while they hold at
+# most _CACHE_CELLS cells together: in simulation one Ray actor serves many sites, and a site
+# rebuilt for every message (data, graph, inputs) made a 100-site run crawl; a deployed
+# SuperNode serves one site. The newest site always stays, however large.
+_CACHE_SIZE = 512
+_CACHE_CELLS = 2_000_000
 
 
 class ContextState:
@@ -92,11 +97,20 @@ def site_for(run_config: dict[str, Any], context: Context) -> SiteRuntime:
     else:
         runtime = SiteRuntime(node, cfg)
         _CACHE[key] = runtime
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        _evict()
     runtime.state = ContextState(context.state)
     runtime.seed_name = str(context.node_config.get("site-name", context.node_config.get("partition-id", 0)))
     return runtime
+
+
+def _evict() -> None:
+    """Drop the least recently used sites beyond :data:`_CACHE_SIZE` entries or
+    :data:`_CACHE_CELLS` loaded cells (the newest entry is never dropped)."""
+    def loaded_cells() -> int:
+        return sum(r.n_cells for r in _CACHE.values() if r.loaded)
+
+    while len(_CACHE) > 1 and (len(_CACHE) > _CACHE_SIZE or loaded_cells() > _CACHE_CELLS):
+        _CACHE.popitem(last=False)
 
 
 def run_config_of(config: ConfigRecord | dict[str, Any] | None, context: Context) -> dict[str, Any]:
@@ -136,6 +150,11 @@ class SiteRuntime:
     @cached_property
     def sections(self) -> list[SiteSection]:
         return load_site_sections(self.node.sources, spatial_key=self.cfg.data.spatial_key)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the sections have been read (``sections`` is cached once read)."""
+        return "sections" in self.__dict__
 
     @property
     def n_cells(self) -> int:
