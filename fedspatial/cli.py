@@ -75,6 +75,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fedspatial.ray_cluster import check_reachable, ray_target
     from fedspatial.shared.config import ExperimentConfig, load_config
     from fedspatial.simulation import LOG_NAME, refuse_existing_run, simulate
 
@@ -96,6 +97,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if args.run_name:
             overrides["run-name"] = args.run_name
         cfg = load_config(args.config, overrides)
+    # A Ray cluster that does not answer fails now, before the data checks and the run folder
+    # (simulate checks it again, and what its nodes see, inside the run's log).
+    check_reachable(ray_target(args.ray_address))
     federation = _preflight_simulation(args, cfg)
     modes = None if args.mode in (None, "all") else [args.mode]
     run_dir = Path(cfg.results_dir) / cfg.run_name
@@ -108,7 +112,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     notes = f"command: fedspatial {command}\nconfig:\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}"
     try:
         with RunConsole(run_dir / LOG_NAME, verbose=args.verbose, expected=_expected_errors(), notes=notes):
-            results = simulate(cfg, modes=modes, resume=bool(args.resume), federation=federation)
+            results = simulate(cfg, modes=modes, resume=bool(args.resume), federation=federation,
+                               ray_address=args.ray_address)
     except RunFailed as failed:
         return failed.exit_code
     from fedspatial.server.report import comparison_table
@@ -431,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--allow", action="append", choices=sorted(KINDS), metavar="KIND",
                      help="go ahead despite this pre-flight warning (repeatable): "
                      + "; ".join(f"{k}: {v}" for k, v in KINDS.items()))
+    sim.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="run on this running Ray cluster: its head's address (`ray start --head --port`), "
+                     "or `auto` (the cluster started on this machine); run this command on a node of the "
+                     "cluster. Every node needs the same environment and sees the data and results-dir at "
+                     "the same paths (checked before the run). Default: $RAY_ADDRESS if set, else a Ray "
+                     "started on this machine (also `local`)")
     sim.set_defaults(func=_cmd_simulate)
 
     ins = sub.add_parser("inspect", help="check sites' data (one site, several, or a manifest) and compare them",

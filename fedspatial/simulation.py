@@ -6,11 +6,17 @@ only the grouping of sites into SuperNodes differs:
 - ``federated``: one SuperNode per site;
 - ``local``: each site alone (one simulation per site, domain ids are site-local);
 - ``centralized``: one SuperNode holding every site's sections (the pooled upper bound).
+
+Where the simulations compute is not part of the experiment: by default each one starts
+its own Ray on this machine; with ``ray_address`` (``fedspatial simulate --ray-address
+HOST:PORT``, else Ray's ``RAY_ADDRESS`` variable) they attach to a running Ray cluster,
+whose nodes host the sites' ClientApps (:mod:`fedspatial.ray_cluster`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -22,6 +28,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedspatial.ray_cluster import (
+    check_ray_cluster,
+    check_reachable,
+    federation_nodes,
+    paths_to_share,
+    ray_backend_config,
+    ray_target,
+    shared_marker,
+)
 from fedspatial.server import progress
 from fedspatial.server.report import contingency_from_json, summarize_sites, write_comparison
 from fedspatial.server.run_store import RunExistsError
@@ -121,7 +136,6 @@ def ensure_federation(cfg: ExperimentConfig) -> Path:
 
 def synthetic_spec(*, seed: int = 0, scale: float = 1.0) -> Any:
     """The built-in federation's spec with section sizes multiplied by ``scale``."""
-    import dataclasses
 
     from fedspatial.shared.data.synthetic import SyntheticSpec
 
@@ -131,7 +145,6 @@ def synthetic_spec(*, seed: int = 0, scale: float = 1.0) -> Any:
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:
-    import dataclasses
 
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
@@ -169,11 +182,14 @@ def run_one(
     *,
     resume: bool,
     client_app: Any = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """One Flower simulation; returns the run report (metrics.json).
 
     ``client_app``: a :class:`flwr.clientapp.ClientApp` to run instead of fedspatial's
-    (benchmarks and tests wrap it to make one site misbehave)."""
+    (benchmarks and tests wrap it to make one site misbehave). ``ray_address``: a running
+    Ray cluster to attach to (see :func:`ray_target`; :func:`simulate` checks it first),
+    else a Ray started on this machine with ``simulation.num-cpus``."""
     from flwr.simulation import run_simulation
 
     from fedspatial.server.app import make_server_app
@@ -198,14 +214,7 @@ def run_one(
             "simulated-run": cfg.run_name,
         }
     )
-    n_cpus = max(1, min(cfg.simulation.num_cpus, os.cpu_count() or 1))
-    # Also one node alone gets cpus-per-client: these models are small, and two torch
-    # threads contending with any other process were 10-30x slower per step than one.
-    per_client = min(cfg.simulation.cpus_per_client, n_cpus)
-    backend_config = {
-        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": n_cpus, "include_dashboard": False, "log_to_driver": True},
-    }
+    backend_config = ray_backend_config(cfg, ray_target(ray_address))
     t0 = time.perf_counter()
     with _quiet_runtime():
         run_simulation(
@@ -267,6 +276,7 @@ def simulate(
     integration_report: bool = True,
     federation: dict[str, Any] | None = None,
     client_app: Any = None,
+    ray_address: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the configured modes; writes ``<results-dir>/<run-name>/summary.md`` and, unless
     ``integration_report`` is False, each joint mode's ``integration.md|json`` and plot.
@@ -274,11 +284,26 @@ def simulate(
     ``federation``: a manifest (``{"sites": [...]}``, absolute data paths) to run instead of
     ``data.manifest``; it is written to ``<run>/federation.json`` and recorded as the run's
     ``data.manifest`` (so ``--resume`` finds it). ``fedspatial simulate`` checks the data
-    (:mod:`fedspatial.own_data`) before calling this. ``client_app``: see :func:`run_one`."""
+    (:mod:`fedspatial.own_data`) before calling this. ``client_app``: see :func:`run_one`.
+
+    ``ray_address``: run on this running Ray cluster (``HOST:PORT`` of its head, ``auto``;
+    ``local``: this machine); None: ``$RAY_ADDRESS`` if set, else this machine. A cluster is
+    checked before anything else (:class:`RayClusterError`): reachable at once, then, before
+    the run folder is made, a node with ``simulation.cpus-per-client`` CPUs and every node
+    importing fedspatial and seeing the sites' data and ``results-dir`` at the same paths."""
+    target = check_reachable(ray_target(ray_address))
+    logger.info("Ray: %s", target.describe())
+    if target.address is not None:
+        logger.info("simulation.num-cpus (%d) does not apply on a cluster: its nodes' CPUs do", cfg.simulation.num_cpus)
     modes = modes or cfg.simulation.modes
     run_dir = (Path(cfg.results_dir) / cfg.run_name).resolve()
     refuse_existing_run(run_dir, resume=resume)
     manifest_path = ensure_federation(cfg) if federation is None else None
+    if target.address is not None:
+        nodes = read_manifest(manifest_path)["nodes"] if manifest_path is not None else federation_nodes(federation)
+        with shared_marker(run_dir.parent) as marker:  # the nodes must see this very file
+            check_ray_cluster(target, cpus_per_client=cfg.simulation.cpus_per_client,
+                              paths=paths_to_share(nodes, marker))
     run_dir.mkdir(parents=True, exist_ok=True)
     if federation is not None:
         manifest_path = run_dir / "federation.json"
@@ -312,7 +337,8 @@ def simulate(
                 report = json.loads(done.read_text())
                 report.setdefault("simulation-wall-seconds", report.get("wall-seconds", float("nan")))
             else:
-                report = run_one(cfg, run_dir, sim_name, nodes, resume=resume, client_app=client_app)
+                report = run_one(cfg, run_dir, sim_name, nodes, resume=resume, client_app=client_app,
+                                 ray_address=target.address or "local")
             progress.simulation_done(sim_name, seconds=float(report["simulation-wall-seconds"]),
                                      ari=_joint_ari(report), reused=reused)
             reports.append(report)

@@ -31,12 +31,23 @@ NOISE = ("DEPRECATED FEATURE", "FutureWarning", "DeprecationWarning", "ClientApp
 
 @pytest.fixture
 def logging_state():
-    """The CLI reconfigures the root logger; put it back for the next tests."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    """The CLI reconfigures the root logger; put it back for the next tests. fedspatial's
+    package logger starts as in a fresh CLI process (a simulation run in this process by an
+    earlier test may have given it a handler of its own: fedspatial.logstream)."""
+    saved = {}
+    for name in ("", "fedspatial", "flwr"):
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.level, logger.propagate)
+        if name == "fedspatial":
+            logger.handlers[:] = []
+            logger.setLevel(logging.NOTSET)
+            logger.propagate = True
     yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 # ------------------------------------------------------------------ progress logic
