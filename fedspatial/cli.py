@@ -101,7 +101,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     # (simulate checks it again, and what its nodes see, inside the run's log).
     check_reachable(ray_target(args.ray_address))
     federation = _preflight_simulation(args, cfg)
-    modes = None if args.mode in (None, "all") else [args.mode]
+    # "all": the three modes, whatever the config lists; none: the config's simulation.modes
+    modes = {None: None, "all": ["federated", "local", "centralized"]}.get(args.mode, [args.mode])
     run_dir = Path(cfg.results_dir) / cfg.run_name
     refuse_existing_run(run_dir.resolve(), resume=bool(args.resume))
     import yaml
@@ -425,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                      help="also show the whole log (Flower, Ray, every fedspatial line), not only the progress")
     sim.add_argument("--mode", choices=["federated", "local", "centralized", "all"], default=None,
-                     help="run one mode (default: the config's simulation.modes)")
+                     help="run one mode, or all three (default: the config's simulation.modes; --resume "
+                     "continues the modes its run started with)")
     sim.add_argument("--run-name", help="results go to <results-dir>/<run-name>/")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE",

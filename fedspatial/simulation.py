@@ -314,7 +314,10 @@ def simulate(
     check_site_policies(manifest)
     import yaml
 
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # the modes this run runs are part of its record: --resume continues these, not the config's
+    record = cfg.to_dict()
+    record["simulation"] = {**record["simulation"], "modes": list(modes)}
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(record, sort_keys=False))
     results: dict[str, dict[str, Any]] = {}
     plan = [(mode, node_groups(manifest, mode)) for mode in modes]
     count = sum(len(groups) for _, groups in plan)
