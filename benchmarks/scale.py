@@ -18,10 +18,35 @@ process, so its peak memory is its own. Measured in that one run:
   sampled every 0.5 s;
 - ``cells_per_s = N / wall_s``.
 
-Writes ``benchmarks/results/scale.json`` (``cells`` -> ``"<N>"`` -> the figures above)
-and ``scale.md``::
+Section ``poisoned`` (issue 17, robust aggregation): five synthetic sites (the built-in
+generator, :func:`fedspatial.simulation.synthetic_spec`, with five sites), one of which
+(``hospital_c``) poisons its training updates through
+:func:`fedspatial.strategies.attacks.poisoned_client_app`: it sends ``g + factor (w - g)``
+for the global model ``g`` and its honestly trained ``w``. The headline attack is the
+classic sign flip times 10 (``factor = -10``); the others (``--attacks``) are ``x10``
+(scaled, not flipped) and ``shuffle`` (the site trains honestly on its own expression
+permuted across its spots, so that expression and tissue no longer match: what random
+labels are to a classifier; the model trains without labels, so shuffled labels alone
+would change nothing). Each attack runs with FedAvg and with the robust rule (the
+headline attack also with ``--extra-rules``), next to a clean FedAvg run (and a clean run
+of the robust rule, its price without an attack); all runs are ``fedspatial simulate``'s
+federated mode with the demo config, once per seed of ``--poison-seeds`` (the data and
+the training; figures are means over the seeds, each seed's ARIs listed). The robust rule is
+fixed before looking at any result: the coordinate-wise median, because it needs no
+count of attackers (Krum and Bulyan do; Bulyan needs 7 sites to tolerate 1) and no trim
+fraction, and it tolerates any minority of poisoned sites. Figures: ``joint_ari`` (every
+site's cells) and ``honest_ari`` (the four honest sites' cells only; with ``shuffle``
+the poisoned site's own cells carry no tissue signal whatever the server does), and the
+last round's evaluation loss. Target: ``robust >= clean - 0.05`` and ``robust > fedavg``
+(joint ARI, headline attack).
+
+Writes ``benchmarks/results/scale.json`` (``cells`` -> ``"<N>"`` -> the figures above;
+``poisoned`` -> ``clean`` / ``fedavg`` / ``robust`` -> ``joint_ari``, with its own
+provenance) and ``scale.md``; a section run alone keeps the other one's results::
 
     python benchmarks/scale.py [--cells 50000 200000 500000] [--rounds 2] [--out DIR]
+    python benchmarks/scale.py --only poisoned [--poison-rounds 30] [--poison-seeds 0 1]
+        [--attacks sign-flip x10 shuffle] [--extra-rules trimmed-mean multi-krum]
 """
 
 from __future__ import annotations
@@ -131,7 +156,190 @@ def one_size(n_cells: int, manifest: Path, rounds: int, work: Path, seed: int) -
     }
 
 
-def markdown(figures: dict[str, Any], command: str) -> str:
+POISONED_SITE = "hospital_c"
+ROBUST_RULE = "median"
+"""Fixed before any result was seen: needs no attacker count and no trim fraction."""
+ATTACKS: dict[str, float | None] = {"sign-flip": -10.0, "x10": 10.0, "shuffle": None}
+"""Update factor of each attack (``g + factor (w - g)``); None: a data attack (``shuffle``)."""
+
+
+def poisoned_federation(work: Path, seed: int) -> Path:
+    """Five sites from the built-in generator (its default section sizes)."""
+    from fedspatial.shared.data.synthetic import write_synthetic_federation
+    from fedspatial.simulation import synthetic_spec
+
+    spec = dataclasses.replace(synthetic_spec(seed=seed), n_sites=5, sections_per_site=(2, 2, 2, 1, 1))
+    return write_synthetic_federation(work / "poisoned-data", spec, overwrite=True)
+
+
+def shuffled_federation(manifest: Path, site: str, work: Path, seed: int) -> Path:
+    """``manifest`` with ``site``'s sections replaced by copies whose expression rows are
+    permuted across the section's spots (positions and labels stay)."""
+    import anndata as ad
+    import numpy as np
+
+    raw = json.loads(manifest.read_text())
+    entry = next(e for e in raw["sites"] if e["name"] == site)
+    target = work / "poisoned-data-shuffled" / site
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for path in sorted(Path(entry["data-path"]).glob("*.h5ad")):
+        adata = ad.read_h5ad(path)
+        order = rng.permutation(adata.n_obs)
+        adata.X = adata.X[order]
+        for key in list(adata.layers):
+            adata.layers[key] = adata.layers[key][order]
+        adata.write_h5ad(target / path.name)
+    raw["sites"] = [{**e, "data-path": str(target)} if e["name"] == site else e for e in raw["sites"]]
+    out = target.parent / "federation.json"
+    out.write_text(json.dumps(raw, indent=1))
+    return out
+
+
+def honest_ari(report: dict[str, Any], exclude: str) -> float:
+    """Joint ARI over every site's cells but ``exclude``'s (merged contingency tables)."""
+    from fedspatial.server.report import contingency_from_json
+    from fedspatial.shared.evaluation.metrics import ari_from_contingency, merge_contingency
+
+    owners = [site for site, tables in report["contingency"].items() for _ in tables]
+    tables = [contingency_from_json(t) for t, site in zip(report["contingency_tables"], owners, strict=True) if site != exclude]
+    return float(ari_from_contingency(merge_contingency(tables)))
+
+
+def poisoned_run(name: str, manifest: Path, work: Path, *, rounds: int, seed: int, strategy: str, client_app: Any) -> dict[str, Any]:
+    """One federated simulation (demo config; marker genes off: they do not change the domains)."""
+    from fedspatial.shared.config import load_config
+    from fedspatial.simulation import simulate
+
+    shutil.rmtree(work / name, ignore_errors=True)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", {
+        "run-name": name, "results-dir": str(work), "seed": seed, "data.manifest": str(manifest),
+        "simulation.modes": ["federated"], "training.num-rounds": rounds, "training.strategy": strategy,
+        "markers.marker-genes": False,
+    })
+    t0 = time.perf_counter()
+    result = simulate(cfg, modes=["federated"], integration_report=False, client_app=client_app)["federated"]
+    wall = time.perf_counter() - t0
+    report = json.loads((work / name / "federated" / "metrics.json").read_text())
+    figures = {
+        "strategy": strategy,
+        "joint_ari": round(float(result["joint_ari"]), 4),
+        "honest_ari": round(honest_ari(report, POISONED_SITE), 4),
+        "mean_section_ari": round(float(result["mean_section_ari"]), 4),
+        "first_eval_loss": round(float(report["rounds"][0]["eval-loss"]), 4),
+        "last_eval_loss": round(float(report["rounds"][-1]["eval-loss"]), 4),
+        "wall_s": round(wall, 1),
+    }
+    log.info("%s: %s", name, figures)
+    return figures
+
+
+def poisoned_seed(work: Path, *, rounds: int, seed: int, attacks: list[str], extra_rules: list[str]) -> dict[str, Any]:
+    """One seed (data and training): clean FedAvg and the robust rule, then each attack under
+    FedAvg and the robust rule (and ``extra_rules`` under the headline attack)."""
+    from fedspatial.client.app import app as honest
+    from fedspatial.strategies.attacks import poisoned_client_app
+
+    manifest = poisoned_federation(work, seed)
+    run: dict[str, Any] = {"work": work, "rounds": rounds, "seed": seed}
+    out: dict[str, Any] = {
+        "clean": poisoned_run(f"poisoned-s{seed}-clean", manifest, **run, strategy="fedavg", client_app=honest),
+        "clean_robust": poisoned_run(f"poisoned-s{seed}-clean-robust", manifest, **run, strategy=ROBUST_RULE, client_app=honest),
+        "attacks": {},
+    }
+    for attack in attacks:
+        factor = ATTACKS[attack]
+        if factor is None:  # data attack: honest updates from shuffled data
+            data, app = shuffled_federation(manifest, POISONED_SITE, work, seed), honest
+        else:
+            data, app = manifest, poisoned_client_app(honest, POISONED_SITE, factor)
+        rules = [("fedavg", "fedavg"), ("robust", ROBUST_RULE)] + ([(r, r) for r in extra_rules] if attack == attacks[0] else [])
+        out["attacks"][attack] = {
+            label: poisoned_run(f"poisoned-s{seed}-{attack}-{label}", data, **run, strategy=strategy, client_app=app)
+            for label, strategy in rules
+        }
+    return out
+
+
+def _over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's figures over the seeds: means, and each seed's ARIs."""
+    mean = {k: round(float(sum(r[k] for r in runs) / len(runs)), 4) for k in runs[0] if k != "strategy"}
+    return {"strategy": runs[0]["strategy"], **mean,
+            "joint_ari_by_seed": [r["joint_ari"] for r in runs], "honest_ari_by_seed": [r["honest_ari"] for r in runs]}
+
+
+def poisoned(work: Path, *, rounds: int, seeds: list[int], attacks: list[str], extra_rules: list[str]) -> dict[str, Any]:
+    """The ``poisoned`` section, every figure the mean over ``seeds``; the headline attack is
+    the first of ``attacks``."""
+    per_seed = [poisoned_seed(work, rounds=rounds, seed=s, attacks=attacks, extra_rules=extra_rules) for s in seeds]
+    out: dict[str, Any] = {
+        "site": POISONED_SITE, "sites": 5, "rounds": rounds, "seeds": seeds, "robust_rule": ROBUST_RULE,
+        "rule": "the coordinate-wise median: needs no count of attackers (Krum and Bulyan do) and no trim "
+                "fraction, and tolerates any minority of poisoned sites; chosen before any run",
+        "factors": {a: ATTACKS[a] for a in attacks},
+        "headline_attack": attacks[0],
+        "clean": _over_seeds([r["clean"] for r in per_seed]),
+        "clean_robust": _over_seeds([r["clean_robust"] for r in per_seed]),
+        "attacks": {a: {label: _over_seeds([r["attacks"][a][label] for r in per_seed]) for label in per_seed[0]["attacks"][a]}
+                    for a in attacks},
+    }
+    head = out["attacks"][attacks[0]]
+    out["fedavg"], out["robust"] = head["fedavg"], head["robust"]
+    clean, robust, fedavg = out["clean"]["joint_ari"], out["robust"]["joint_ari"], out["fedavg"]["joint_ari"]
+    out["target"] = f"robust >= clean - 0.05 and robust > fedavg (joint ARI, {attacks[0]}, mean over seeds)"
+    out["target_met"] = bool(robust >= clean - 0.05 and robust > fedavg)
+    return out
+
+
+def poisoned_markdown(p: dict[str, Any]) -> list[str]:
+    def row(label: str, f: dict[str, Any]) -> str:
+        def seeds(key: str) -> str:
+            return f"{f[key]:.3f} ({', '.join(f'{v:.3f}' for v in f[key + '_by_seed'])})"
+
+        def loss(v: float) -> str:  # a diverged run's loss is astronomical
+            return f"{v:.3f}" if abs(v) < 1e3 else f"{v:.1e}"
+
+        return (f"| {label} | {f['strategy']} | {seeds('joint_ari')} | {seeds('honest_ari')} | "
+                f"{loss(f['first_eval_loss'])} -> {loss(f['last_eval_loss'])} | {f['wall_s']:.0f} |")
+
+    lines = [
+        "", "# Poisoned: one of five sites poisons its updates", "",
+        f"`{p['config']['command']}` at {p['commit'][:12]} on {p['machine']['cpus']} CPUs. Five synthetic sites "
+        f"(built-in generator), `fedspatial simulate` federated mode, demo config, {p['rounds']} rounds, marker genes off, "
+        f"seeds {', '.join(map(str, p['seeds']))} (data and training; figures: the mean, each seed in brackets). "
+        f"Poisoned site: {p['site']}, through `fedspatial.strategies.attacks.poisoned_client_app` (its train "
+        "reply is `g + factor (w - g)`: sign-flip factor -10, x10 factor 10) or, for `shuffle`, honest updates "
+        "from its own expression permuted across its spots. Robust rule, fixed before any run: "
+        f"**{p['robust_rule']}** ({p['rule']}); other rules, where listed, ran under the headline attack only. "
+        "Joint ARI: all cells; honest ARI: the four honest sites' cells.",
+        "",
+        "| run | strategy | joint ARI | honest ARI | eval loss first -> last (mean) | wall s |",
+        "| --- | --- | --- | --- | --- | --- |",
+        row("clean", p["clean"]), row("clean, robust rule", p["clean_robust"]),
+    ]
+    for attack, rows in p["attacks"].items():
+        lines += [row(f"{attack}, {label}", f) for label, f in rows.items()]
+    verdict = "met" if p["target_met"] else "**missed**"
+    clean = p["clean"]["joint_ari"]
+    head = p["attacks"][p["headline_attack"]]
+    meeting = [f"{label} ({f['joint_ari']:.3f})" for label, f in head.items()
+               if label != "fedavg" and f["joint_ari"] >= clean - 0.05 and f["joint_ari"] > head["fedavg"]["joint_ari"]]
+    lines += ["", f"Target: {p['target']}: {verdict} "
+              f"(robust {p['robust']['joint_ari']:.3f}, clean {p['clean']['joint_ari']:.3f}, "
+              f"FedAvg {p['fedavg']['joint_ari']:.3f}). Rules that meet it under {p['headline_attack']}: "
+              f"{', '.join(meeting) or 'none'}.", ""]
+    return lines
+
+
+def markdown(figures: dict[str, Any]) -> str:
+    lines = [] if "cells" not in figures else cells_markdown(figures, figures["config"]["command"])
+    if "poisoned" in figures:
+        lines += poisoned_markdown(figures["poisoned"])
+    return "\n".join(lines)
+
+
+def cells_markdown(figures: dict[str, Any], command: str) -> list[str]:
     lines = [
         "# Scale: one section of N cells, end to end",
         "",
@@ -159,7 +367,7 @@ def markdown(figures: dict[str, Any], command: str) -> str:
     lines += ["", "Report parts (s): " + "; ".join(
         f"{int(n):,}: " + ", ".join(f"{k} {v:.1f}" for k, v in f["report_parts_s"].items())
         for n, f in figures["cells"].items()), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:
@@ -169,6 +377,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=str(HERE / ".work" / "scale"))
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--only", choices=["cells", "poisoned"], default="",
+                        help="run one section (default: both); the other section's results are kept")
+    parser.add_argument("--poison-rounds", type=int, default=30)
+    parser.add_argument("--poison-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS), default=["sign-flip", "x10", "shuffle"],
+                        help="the first is the headline attack")
+    parser.add_argument("--extra-rules", nargs="*", default=["trimmed-mean", "multi-krum"],
+                        help="other strategies to run under the headline attack")
     parser.add_argument("--one-size", type=int, default=0, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--child-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", default="", help=argparse.SUPPRESS)
@@ -184,6 +400,28 @@ def main() -> int:
 
     from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
 
+    command = " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each section replaces its own results only: scale.json holds both.
+    figures: dict[str, Any] = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {}
+    if args.only in ("", "cells"):
+        figures["cells"] = run_cells(args, work)
+        figures.update(provenance({"command": command, "cells": args.cells, "rounds": args.rounds, "seed": args.seed}))
+    if args.only in ("", "poisoned"):
+        section = poisoned(work, rounds=args.poison_rounds, seeds=args.poison_seeds, attacks=args.attacks, extra_rules=args.extra_rules)
+        figures["poisoned"] = {**section, **provenance({
+            "command": command, "rounds": args.poison_rounds, "seeds": args.poison_seeds, "attacks": args.attacks,
+            "extra_rules": args.extra_rules, "config": "configs/demo.yaml"})}
+        log.info("poisoned: clean %.3f, fedavg %.3f, robust %.3f (target met: %s)", section["clean"]["joint_ari"],
+                 section["fedavg"]["joint_ari"], section["robust"]["joint_ari"], section["target_met"])
+    write_json_atomic(out / "scale.json", figures)
+    write_text_atomic(out / "scale.md", markdown(figures))
+    return 0
+
+
+def run_cells(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The ``cells`` section: one child process per size."""
     cells: dict[str, Any] = {}
     for n in args.cells:
         child_out = work / f"cells-{n}.json"
@@ -195,14 +433,7 @@ def main() -> int:
         subprocess.run(cmd, check=True)
         cells[str(n)] = {**json.loads(child_out.read_text()), "generate_s": round(generate_s, 2)}
         log.info("%d cells: %s", n, cells[str(n)])
-    command = " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])
-    figures: dict[str, Any] = {"cells": cells}
-    figures.update(provenance({"command": command, "cells": args.cells, "rounds": args.rounds, "seed": args.seed}))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "scale.json", figures)
-    write_text_atomic(out / "scale.md", markdown(figures, command))
-    return 0
+    return cells
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Federated training rounds over Flower: the server side of the training phase.
 
-The rounds run through Flower's strategies: :class:`SpatialFedAvg` (weighted by
-``num-examples``), wrapped for client-level central DP when configured and guarded by
-the sites' privacy budgets, or SecAgg+ through Flower's legacy workflow. The global
-state is checkpointed after every round, so an interrupted run resumes from its last
-finished round.
+The rounds run through Flower's strategies: the one ``training.strategy`` names
+(:mod:`fedspatial.strategies.registry`; default :class:`SpatialFedAvg`, weighted by
+``num-examples``), on all sites or a drawn ``training.fraction-train`` of them each round,
+wrapped for client-level central DP when configured and guarded by the sites' privacy
+budgets, or SecAgg+ through Flower's legacy workflow. The global state is checkpointed
+after every round, so an interrupted run resumes from its last finished round.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedspatial.records import arrays_record
@@ -20,10 +22,28 @@ from fedspatial.server.messaging import SiteGroup
 from fedspatial.server.run_store import RunStore
 from fedspatial.shared.phases.base import Run, TrainOutcome, Weights
 from fedspatial.shared.protocol.feature_space import feature_space_to_config
-from fedspatial.strategies import PrivacyBudgetGuard, PrivacyBudgetStop, SpatialFedAvg, central_dp
+from fedspatial.strategies import PrivacyBudgetGuard, PrivacyBudgetStop, central_dp
+from fedspatial.strategies.registry import build_strategy, sites_per_round
 from fedspatial.strategies.secagg import run_secagg_rounds
 
 logger = logging.getLogger(__name__)
+
+
+BATCH_KEY = "batch_in.weight"
+"""The batch-aware decoder's per-batch weights (``[hidden, n_batches]``, one column per batch)."""
+
+
+def batch_owners(run: Run, names: dict[int, str], shape: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
+    """Which columns of :data:`BATCH_KEY` each site (node id) owns: those of the batches
+    (sections, or source sites with ``model.batch: site``) among its own sections."""
+    owners = {}
+    for node, name in names.items():
+        site = run.sites.get(name)
+        held = set() if site is None else set(site.section_sites if run.cfg.model.batch == "site" else site.sections)
+        mask = np.zeros(shape, dtype=bool)
+        mask[:, [j for j, batch in enumerate(run.batches) if batch in held]] = True
+        owners[node] = {BATCH_KEY: mask}
+    return owners
 
 
 def train_rounds(
@@ -41,11 +61,16 @@ def train_rounds(
     cfg, privacy = run.cfg, run.cfg.privacy
     assert run.space is not None
     n_min = sites.min_nodes
-    strategy = SpatialFedAvg(
+    strategy = build_strategy(
+        cfg.training,
+        n_sites=len(sites.nodes),
+        min_nodes=n_min,
         round_offset=done_rounds,
         # each batch's decoder weights are trained only by the site holding that batch
-        partitioned_keys=["batch_in.weight"] if run.batches else [],
-        min_train_nodes=n_min,
+        partitioned_keys=[BATCH_KEY] if run.batches else [],
+        partition_owners=lambda: batch_owners(run, sites.names, initial[BATCH_KEY].shape),
+        sample_seed=cfg.seed,
+        node_order=sites.name,  # the same sites drawn for the same seed, whatever their node ids
         min_evaluate_nodes=n_min,
         min_available_nodes=n_min,
         # a loss over all of a site's cells is not privatized: no client evaluation under local DP
@@ -56,7 +81,9 @@ def train_rounds(
     strategy.history = history
     inner = strategy if privacy.central_dp == "none" else central_dp(
         strategy, privacy.central_dp, noise_multiplier=privacy.central_noise_multiplier,
-        clipping_norm=privacy.central_clipping_norm, n_sites=len(sites.nodes),
+        clipping_norm=privacy.central_clipping_norm,
+        # the noise is calibrated to the sites averaged in a round: those drawn
+        n_sites=sites_per_round(len(sites.nodes), cfg.training.fraction_train, n_min),
     )
     guard = PrivacyBudgetGuard(inner, on_exhausted=privacy.on_exhausted)
     config = {**common, **run.message_config()}

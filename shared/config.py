@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from fedspatial.shared.protocol.result_line import RUN_NAME_RULE, is_valid_run_name
+from fedspatial.shared.training.strategy_config import StrategyName, strategy_checks
 
 
 class ConfigError(ValueError):
@@ -91,9 +92,30 @@ class TrainingConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
+    """FedProx term ``mu/2 ||w - w_global||^2`` in every site's local loss (any strategy)."""
+    strategy: StrategyName = "fedavg"
+    """How the server combines the sites' models: fedavg, fedprox, fedadam, fedyogi, or robust
+    to poisoned sites: median, trimmed-mean, krum, multi-krum, bulyan (each explained, and
+    what it combines with, in shared/training/strategy_config.py)."""
+    fraction_train: float = 1.0
+    """Partial participation: the fraction of the sites drawn (seeded) to train each round."""
+    server_lr: float = 0.01
+    """fedadam/fedyogi: server learning rate (eta)."""
+    server_beta_1: float = 0.9
+    """fedadam/fedyogi: first-moment decay."""
+    server_beta_2: float = 0.99
+    """fedadam/fedyogi: second-moment decay."""
+    server_tau: float = 1e-3
+    """fedadam/fedyogi: adaptivity, added to the root of the second moment."""
+    trim_fraction: float = 0.2
+    """trimmed-mean: fraction of the sites cut at each end of every coordinate."""
+    byzantine_sites: int = 1
+    """krum, multi-krum, bulyan: poisoned sites to tolerate per round (f)."""
+    krum_select: int = 0
+    """multi-krum: models averaged; 0: sites per round - byzantine-sites."""
     min_nodes: int = 0
     """Sites that must be connected and answer each round; 0: all sites of the simulated
-    federation (at least 1 in a deployment)."""
+    federation (at least 1 in a deployment). fraction-train must draw at least this many."""
     message_timeout: float = 600.0
     """Seconds a site has to answer one message (a training round, a clustering step);
     a site that has not answered by then is dropped as if it had failed (min-nodes rules).
@@ -309,6 +331,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _positive(cfg, "training.lr"),
         _at_least(cfg, "training.weight-decay", 0),
         _at_least(cfg, "training.proximal-mu", 0),
+        *strategy_checks(cfg),
         _at_least(cfg, "training.min-nodes", 0, "0 = all sites"),
         _positive(cfg, "training.message-timeout"),
         _at_least(cfg, "clustering.n-domains", 2),

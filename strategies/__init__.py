@@ -7,5 +7,15 @@ from fedspatial.strategies.privacy import (
     central_dp,
     central_dp_epsilon,
 )
+from fedspatial.strategies.registry import STRATEGY_CLASSES, build_strategy, check_strategy
 
-__all__ = ["PrivacyBudgetGuard", "PrivacyBudgetStop", "SpatialFedAvg", "central_dp", "central_dp_epsilon"]
+__all__ = [
+    "STRATEGY_CLASSES",
+    "PrivacyBudgetGuard",
+    "PrivacyBudgetStop",
+    "SpatialFedAvg",
+    "build_strategy",
+    "central_dp",
+    "central_dp_epsilon",
+    "check_strategy",
+]

@@ -87,9 +87,11 @@ class Training(Phase):
             result = dp_train(site, model, setup, server_round=server_round)
         else:
             t = site.cfg.training
+            # Flower's FedProx sends its mu in the train config; other strategies: the run config's
+            mu = request.number("proximal-mu", t.proximal_mu)
             result = train_epochs(
                 model, site.graph_data(setup), epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
-                weight_decay=t.weight_decay, proximal_mu=t.proximal_mu, seed=seed, description=f"{site.name} train",
+                weight_decay=t.weight_decay, proximal_mu=mu, seed=seed, description=f"{site.name} train",
             )
         metrics: dict[str, int | float] = {
             NUM_EXAMPLES: result.num_examples,
