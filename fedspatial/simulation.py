@@ -48,6 +48,7 @@ from fedspatial.shared.evaluation.metrics import (
     nmi_from_contingency,
 )
 from fedspatial.shared.storage.atomic import write_json_atomic, write_text_atomic
+from fedspatial.shared.storage.hints import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,10 @@ def ensure_federation(cfg: ExperimentConfig) -> Path:
     if cfg.data.manifest:
         path = Path(cfg.data.manifest)
         if not path.is_file():
-            raise FileNotFoundError(f"data.manifest: {path} does not exist")
+            raise FileNotFoundError(
+                f"data.manifest: {path} does not exist{did_you_mean(path)} (write one with `fedspatial "
+                "manifest SITE_FOLDER ...`, or give the sites with `--data`)"
+            )
         return path.resolve()
     from fedspatial.shared.data.synthetic import write_synthetic_federation
 

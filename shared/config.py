@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from fedspatial.shared.protocol.result_line import RUN_NAME_RULE, is_valid_run_name
+from fedspatial.shared.storage.hints import did_you_mean
 from fedspatial.shared.training.strategy_config import StrategyName, strategy_checks
 
 
@@ -282,9 +283,12 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(
+            f"config file {path} does not exist{did_you_mean(path)} (the shipped ones are in configs/, "
+            "e.g. configs/demo.yaml)"
+        ) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {err}. Fix the file at that line (configs/demo.yaml shows every key)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     for dotted, value in (overrides or {}).items():
@@ -355,7 +359,10 @@ def validate(cfg: ExperimentConfig) -> None:
         ),
         (
             cfg.features.n_pcs <= cfg.features.n_top_features,
-            "features.n-pcs: must not exceed features.n-top-features",
+            f"features.n-pcs is {cfg.features.n_pcs}, more than features.n-top-features "
+            f"({cfg.features.n_top_features}): PCA cannot give more components than features. Fix: "
+            f"--set features.n-pcs={cfg.features.n_top_features} (or less; 0 turns PCA off), or raise "
+            "features.n-top-features",
         ),
         (
             not cfg.privacy.local_dp or cfg.training.proximal_mu == 0,

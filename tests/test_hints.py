@@ -25,3 +25,13 @@ def test_manifest_errors_say_what_to_do(tmp_path: Path) -> None:
         read_manifest(tmp_path / "federaton.json")
     with pytest.raises(ManifestError, match=r"not valid JSON: .*json\.tool"):
         read_manifest(tmp_path / "federation.json")
+
+
+def test_config_messages_name_the_fix(tmp_path: Path) -> None:
+    from fedspatial.shared.config import ConfigError, load_config
+
+    (tmp_path / "config.yaml").write_text("features:\n  n-top-features: 30\n  n-pcs: 50\n")
+    with pytest.raises(ConfigError, match=r"did you mean .*config\.yaml\?"):
+        load_config(tmp_path / "config.yml")
+    with pytest.raises(ConfigError, match=r"n-pcs is 50, more than features.n-top-features \(30\).*--set features.n-pcs=30"):
+        load_config(tmp_path / "config.yaml")
