@@ -12,11 +12,16 @@ process, so its peak memory is its own. Measured in that one run:
 - ``report_s``: the integration report alone (``integration.json``'s ``seconds``, timed
   inside ``simulate``), and ``report_share = report_s / wall_s`` (target <= 0.1);
 - ``peak_rss_mib``: the largest peak RSS of one process (``driver_peak_rss_mib``, the
-  driver, which also builds the report, or ``site_peak_rss_mib``, the ClientApp process
-  serving the site; the data are generated beforehand in another process); ``peak_tree_rss_mib``: the
+  driver, which also builds the report, sampled every 0.5 s, or ``site_peak_rss_mib``, the
+  ClientApp process serving the site, its own high-water mark; the data are generated
+  beforehand in another process); ``peak_tree_rss_mib``: the
   largest sum of the RSS of the driver and every process it started (Ray's included),
   sampled every 0.5 s;
 - ``cells_per_s = N / wall_s``.
+
+Section ``sites`` (``--sites``, default 10 30 100): N synthetic sites of one section of
+550-650 cells each, one federated run with the demo config (every site every round);
+``s_per_round``, ``peak_rss_mib`` (every process summed, sampled), ``joint_ari``.
 
 Section ``poisoned`` (issue 17, robust aggregation): five synthetic sites (the built-in
 generator, :func:`fedspatial.simulation.synthetic_spec`, with five sites), one of which
@@ -58,7 +63,6 @@ import itertools
 import json
 import logging
 import math
-import resource
 import shutil
 import subprocess
 import sys
@@ -79,21 +83,25 @@ class TreeRss:
     """Peak of the summed RSS of this process and all its descendants, sampled."""
 
     def __init__(self, interval: float = 0.5) -> None:
-        self.interval, self.peak = interval, 0
+        self.interval, self.peak, self.own_peak, self.largest = interval, 0, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> None:
         me = psutil.Process()
         total = 0
         for proc in [me, *me.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-        return total
+                rss = proc.memory_info().rss
+                total += rss
+                self.largest = max(self.largest, rss)
+                if proc.pid == me.pid:
+                    self.own_peak = max(self.own_peak, rss)
+        self.peak = max(self.peak, total)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeRss:
@@ -138,7 +146,9 @@ def one_size(n_cells: int, manifest: Path, rounds: int, work: Path, seed: int) -
     report = json.loads((mode / "metrics.json").read_text())
     integration = json.loads((mode / "integration.json").read_text())
     site_rss = max(float(s.get("peak_rss_mb", 0.0)) for s in report["sections"].values())
-    driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # sampled, not ru_maxrss: a process started by fork+exec inherits its parent's high-water
+    # mark (the parent generated the data), which made the driver look as large as the site
+    driver_rss = tree.own_peak / 2**20
     report_s = float(integration["seconds"])
     return {
         "wall_s": round(wall, 2),
@@ -154,6 +164,87 @@ def one_size(n_cells: int, manifest: Path, rounds: int, work: Path, seed: int) -
         "joint_ari": round(float(result["joint_ari"]), 4),
         "sampling": integration.get("sampling", {}),
     }
+
+
+def generate_sites(n_sites: int, work: Path, seed: int) -> Path:
+    """``n_sites`` synthetic sites of one section of 550-650 cells each: their manifest."""
+    from fedspatial.shared.data.synthetic import write_synthetic_federation
+    from fedspatial.simulation import synthetic_spec
+
+    spec = dataclasses.replace(synthetic_spec(seed=seed), n_sites=n_sites, sections_per_site=(1,) * n_sites,
+                               spots_per_section=(550, 650))
+    return write_synthetic_federation(work / f"data-sites-{n_sites}", spec, overwrite=True)
+
+
+def one_federation(n_sites: int, manifest: Path, rounds: int, work: Path, seed: int) -> dict[str, Any]:
+    """One simulated federated run of ``n_sites`` sites, the defaults users get (call in a
+    fresh process): seconds per round, peak memory (every process summed, and the largest
+    one), joint ARI."""
+    from fedspatial.shared.config import load_config
+    from fedspatial.simulation import simulate
+
+    name = f"sites-{n_sites}"
+    shutil.rmtree(work / name, ignore_errors=True)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", {
+        "run-name": name, "results-dir": str(work), "seed": seed, "data.manifest": str(manifest),
+        "simulation.modes": ["federated"], "training.num-rounds": rounds,
+    })
+    with TreeRss() as tree:
+        t0 = time.perf_counter()
+        result = simulate(cfg)["federated"]
+        wall = time.perf_counter() - t0
+    report = json.loads((work / name / "federated" / "metrics.json").read_text())
+    return {
+        "s_per_round": round(float(result["seconds_per_round"]), 2),
+        "peak_rss_mib": round(tree.peak / 2**20, 1),
+        "largest_process_rss_mib": round(tree.largest / 2**20, 1),
+        "joint_ari": round(float(result["joint_ari"]), 4),
+        "wall_s": round(wall, 1),
+        "cells": int(sum(s.get("n_cells", 0) for s in report["sections"].values())),
+    }
+
+
+def run_sites(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The ``sites`` section: one child process per federation size."""
+    sites: dict[str, Any] = {}
+    for n in args.sites:
+        child_out = work / f"sites-{n}.json"
+        manifest = generate_sites(n, work, args.seed)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--one-sites", str(n), "--rounds", str(args.rounds),
+               "--seed", str(args.seed), "--work", str(work), "--child-out", str(child_out),
+               "--manifest", str(manifest)]
+        log.info("%d sites: %s", n, " ".join(cmd[1:]))
+        subprocess.run(cmd, check=True)
+        sites[str(n)] = json.loads(child_out.read_text())
+        log.info("%d sites: %s", n, sites[str(n)])
+    return sites
+
+
+def sites_markdown(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "# Scale: many sites on one machine",
+        "",
+        f"`{section['config']['command']}` at {section['commit'][:12]} on {section['machine']['cpus']} CPUs. "
+        f"N synthetic sites of one section of 550-650 cells each, `fedspatial simulate` (federated mode, demo "
+        f"config, {section['config']['rounds']} rounds: every site trains every round), integration report "
+        "included. Peak RSS: the driver and every process it started (Ray's included), summed, sampled every "
+        "0.5 s; largest: the largest single process.",
+        "",
+        "| sites | cells | s per round | wall s | peak RSS MiB | largest process MiB | joint ARI |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n, f in section["sites"].items():
+        lines.append(f"| {n} | {f['cells']:,} | {f['s_per_round']:.1f} | {f['wall_s']:.0f} | {f['peak_rss_mib']:.0f} | "
+                     f"{f['largest_process_rss_mib']:.0f} | {f['joint_ari']:.3f} |")
+    sizes = sorted(section["sites"], key=int)
+    if len(sizes) > 1:
+        lines += ["", "Growth between consecutive sizes (exponent b in cost ~ sites^b):", "",
+                  "| from | to | s per round | wall | peak RSS |", "| --- | --- | --- | --- | --- |"]
+        for a, b in itertools.pairwise(sizes):
+            fa, fb, r = section["sites"][a], section["sites"][b], math.log(int(b) / int(a))
+            exp = [math.log(max(fb[k], 1e-9) / max(fa[k], 1e-9)) / r for k in ("s_per_round", "wall_s", "peak_rss_mib")]
+            lines.append(f"| {a} | {b} | " + " | ".join(f"{e:.2f}" for e in exp) + " |")
+    return [*lines, ""]
 
 
 POISONED_SITE = "hospital_c"
@@ -334,6 +425,8 @@ def poisoned_markdown(p: dict[str, Any]) -> list[str]:
 
 def markdown(figures: dict[str, Any]) -> str:
     lines = [] if "cells" not in figures else cells_markdown(figures, figures["config"]["command"])
+    if "sites" in figures:
+        lines += sites_markdown({**figures["sites_run"], "sites": figures["sites"]})
     if "poisoned" in figures:
         lines += poisoned_markdown(figures["poisoned"])
     return "\n".join(lines)
@@ -377,8 +470,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=str(HERE / ".work" / "scale"))
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--only", choices=["cells", "poisoned"], default="",
-                        help="run one section (default: both); the other section's results are kept")
+    parser.add_argument("--sites", type=int, nargs="+", default=[10, 30, 100])
+    parser.add_argument("--only", choices=["cells", "sites", "poisoned"], default="",
+                        help="run one section (default: all); the other sections' results are kept")
     parser.add_argument("--poison-rounds", type=int, default=30)
     parser.add_argument("--poison-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS), default=["sign-flip", "x10", "shuffle"],
@@ -386,6 +480,7 @@ def main() -> int:
     parser.add_argument("--extra-rules", nargs="*", default=["trimmed-mean", "multi-krum"],
                         help="other strategies to run under the headline attack")
     parser.add_argument("--one-size", type=int, default=0, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--one-sites", type=int, default=0, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--child-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -395,6 +490,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.one_size:
         child = one_size(args.one_size, Path(args.manifest), args.rounds, work, args.seed)
+        Path(args.child_out).write_text(json.dumps(child))
+        return 0
+    if args.one_sites:
+        child = one_federation(args.one_sites, Path(args.manifest), args.rounds, work, args.seed)
         Path(args.child_out).write_text(json.dumps(child))
         return 0
 
@@ -408,6 +507,11 @@ def main() -> int:
     if args.only in ("", "cells"):
         figures["cells"] = run_cells(args, work)
         figures.update(provenance({"command": command, "cells": args.cells, "rounds": args.rounds, "seed": args.seed}))
+    if args.only in ("", "sites"):
+        figures["sites"] = run_sites(args, work)
+        # its own record: the sections may come from different commits
+        figures["sites_run"] = provenance({"command": command, "sites": args.sites, "rounds": args.rounds,
+                                           "seed": args.seed, "config": "configs/demo.yaml"})
     if args.only in ("", "poisoned"):
         section = poisoned(work, rounds=args.poison_rounds, seeds=args.poison_seeds, attacks=args.attacks, extra_rules=args.extra_rules)
         figures["poisoned"] = {**section, **provenance({
