@@ -117,8 +117,9 @@ def ensure_federation(cfg: ExperimentConfig) -> Path:
         path = Path(cfg.data.manifest)
         if not path.is_file():
             raise FileNotFoundError(
-                f"data.manifest: {path} does not exist{did_you_mean(path)} (write one with `fedspatial "
-                "manifest SITE_FOLDER ...`, or give the sites with `--data`)"
+                f"data.manifest: {path} does not exist{did_you_mean(path)}. Fix: point data.manifest at "
+                "the federation's manifest, write one with `fedspatial manifest SITE_FOLDER ...`, or give "
+                "the sites with `--data`"
             )
         return path.resolve()
     from fedspatial.shared.data.synthetic import write_synthetic_federation

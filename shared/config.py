@@ -284,8 +284,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(
-            f"config file {path} does not exist{did_you_mean(path)} (the shipped ones are in configs/, "
-            "e.g. configs/demo.yaml)"
+            f"config file {path} does not exist{did_you_mean(path)}. Fix: give an existing YAML config "
+            "(the shipped ones are in configs/, e.g. configs/demo.yaml)"
         ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}. Fix the file at that line (configs/demo.yaml shows every key)") from None

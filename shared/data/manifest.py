@@ -86,8 +86,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ManifestError(
-            f"federation manifest {path} does not exist{did_you_mean(path)} (write one with "
-            "`fedspatial manifest SITE_FOLDER ...`, or give the sites with `--data`)"
+            f"federation manifest {path} does not exist{did_you_mean(path)}. Fix: give the federation's "
+            "manifest, write one with `fedspatial manifest SITE_FOLDER ...`, or give the sites with `--data`"
         ) from None
     except IsADirectoryError:
         raise ManifestError(
