@@ -127,12 +127,13 @@ def generate(n_cells: int, work: Path, seed: int) -> tuple[Path, float]:
     return manifest, time.perf_counter() - t0
 
 
-def one_size(n_cells: int, manifest: Path, rounds: int, work: Path, seed: int) -> dict[str, Any]:
-    """One simulated run on the section of ``n_cells`` cells (call in a fresh process)."""
+def federated_run(name: str, manifest: Path, rounds: int, work: Path, seed: int) -> tuple[dict[str, Any], float, TreeRss]:
+    """``fedspatial simulate`` of ``manifest`` in the federated mode with the demo config and
+    ``rounds`` rounds, as run ``name`` under ``work``: the mode's result, its wall seconds and
+    the memory sampled meanwhile."""
     from fedspatial.shared.config import load_config
     from fedspatial.simulation import simulate
 
-    name = f"cells-{n_cells}"
     shutil.rmtree(work / name, ignore_errors=True)
     cfg = load_config(ROOT / "configs" / "demo.yaml", {
         "run-name": name, "results-dir": str(work), "seed": seed, "data.manifest": str(manifest),
@@ -142,6 +143,13 @@ def one_size(n_cells: int, manifest: Path, rounds: int, work: Path, seed: int) -
         t0 = time.perf_counter()
         result = simulate(cfg)["federated"]
         wall = time.perf_counter() - t0
+    return result, wall, tree
+
+
+def one_size(n_cells: int, manifest: Path, rounds: int, work: Path, seed: int) -> dict[str, Any]:
+    """One simulated run on the section of ``n_cells`` cells (call in a fresh process)."""
+    name = f"cells-{n_cells}"
+    result, wall, tree = federated_run(name, manifest, rounds, work, seed)
     mode = work / name / "federated"
     report = json.loads((mode / "metrics.json").read_text())
     integration = json.loads((mode / "integration.json").read_text())
@@ -180,19 +188,8 @@ def one_federation(n_sites: int, manifest: Path, rounds: int, work: Path, seed: 
     """One simulated federated run of ``n_sites`` sites, the defaults users get (call in a
     fresh process): seconds per round, peak memory (every process summed, and the largest
     one), joint ARI."""
-    from fedspatial.shared.config import load_config
-    from fedspatial.simulation import simulate
-
     name = f"sites-{n_sites}"
-    shutil.rmtree(work / name, ignore_errors=True)
-    cfg = load_config(ROOT / "configs" / "demo.yaml", {
-        "run-name": name, "results-dir": str(work), "seed": seed, "data.manifest": str(manifest),
-        "simulation.modes": ["federated"], "training.num-rounds": rounds,
-    })
-    with TreeRss() as tree:
-        t0 = time.perf_counter()
-        result = simulate(cfg)["federated"]
-        wall = time.perf_counter() - t0
+    result, wall, tree = federated_run(name, manifest, rounds, work, seed)
     report = json.loads((work / name / "federated" / "metrics.json").read_text())
     return {
         "s_per_round": round(float(result["seconds_per_round"]), 2),

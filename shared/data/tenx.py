@@ -297,13 +297,8 @@ def read_spaceranger(root: Path, *, spatial_key: str = "spatial", name: str | No
         matrix = raw
     positions, source = _tissue_positions(root)
     adata = read_10x_h5(matrix)
-    unknown = adata.obs_names[~adata.obs_names.isin(positions.index)]
-    if len(unknown):
-        raise TenxError(
-            f"{matrix}: {len(unknown)} of {adata.n_obs} barcodes (e.g. {_shown(unknown)}) are not in "
-            f"{source}: the matrix and the positions come from different runs. Fix: use the "
-            "outs/ folder of one Space Ranger run unchanged"
-        )
+    _check_same_run(adata, positions.index, matrix, source, what="barcodes", table="the positions",
+                    fix="use the outs/ folder of one Space Ranger run unchanged")
     spots = positions.loc[adata.obs_names]
     in_tissue = spots["in_tissue"].to_numpy() == 1
     if not in_tissue.all():
@@ -374,13 +369,8 @@ def read_xenium(root: Path, *, spatial_key: str = "spatial") -> anndata.AnnData:
     if adata.n_vars == 0:
         raise TenxError(f"{matrix}: no 'Gene Expression' feature (only controls). Fix: use the "
                           "cell_feature_matrix.h5 of a Xenium run")
-    unknown = adata.obs_names[~adata.obs_names.isin(cells.index)]
-    if len(unknown):
-        raise TenxError(
-            f"{matrix}: {len(unknown)} of {adata.n_obs} cells (e.g. {_shown(unknown)}) are not in "
-            f"{source}: the matrix and the cells table come from different runs. Fix: use one "
-            "Xenium output folder unchanged"
-        )
+    _check_same_run(adata, cells.index, matrix, source, what="cells", table="the cells table",
+                    fix="use one Xenium output folder unchanged")
     obs = cells.loc[adata.obs_names]
     obs.index.name = None
     adata.obsm[spatial_key] = obs[["x_centroid", "y_centroid"]].to_numpy(dtype=np.float64)
@@ -393,3 +383,13 @@ def read_tenx(root: Path, kind: TenxKind, *, spatial_key: str = "spatial", name:
     if kind == "xenium":
         return read_xenium(root, spatial_key=spatial_key)
     return read_spaceranger(root, spatial_key=spatial_key, name=name)
+
+
+def _check_same_run(adata: Any, ids: Any, matrix: Path, source: Any, *, what: str, table: str, fix: str) -> None:
+    """TenxError unless every row of the matrix is in ``ids`` (the positions or cells table)."""
+    unknown = adata.obs_names[~adata.obs_names.isin(ids)]
+    if len(unknown):
+        raise TenxError(
+            f"{matrix}: {len(unknown)} of {adata.n_obs} {what} (e.g. {_shown(unknown)}) are not in "
+            f"{source}: the matrix and {table} come from different runs. Fix: {fix}"
+        )
