@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import descendants
 
 from fedspatial.ray_cluster import (
     RAY_ADDRESS_ENV,
@@ -195,18 +196,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def _local_ray_processes() -> set[int]:
     """Ray processes among this test process's descendants (a local Ray, not the cluster's)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
-    rows = [line.split(None, 2) for line in out.splitlines()[1:] if len(line.split(None, 2)) == 3]
-    children: dict[int, list[int]] = {}
-    for pid, ppid, _ in rows:
-        children.setdefault(int(ppid), []).append(int(pid))
-    ours, todo = set(), [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in ours:
-                ours.add(child)
-                todo.append(child)
-    return {int(pid) for pid, _, args in rows if int(pid) in ours and any(r in args for r in ("raylet", "gcs_server"))}
+    return descendants(markers=("raylet", "gcs_server"))
 
 
 # ------------------------------------------------------------------ a run on it

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
 
 import anndata as ad
 import pytest
+from processes import descendants
 
 from fedspatial.server.run_store import RunExistsError
 from fedspatial.shared.config import ExperimentConfig
@@ -20,19 +19,7 @@ pytestmark = pytest.mark.flower
 
 def _ray_processes() -> set[int]:
     """Ray processes started by this test process (other jobs on the machine may run Ray too)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
-    children: dict[int, list[int]] = {}
-    for pid, ppid, _ in rows:
-        children.setdefault(int(ppid), []).append(int(pid))
-    ours, todo = set(), [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in ours:
-                ours.add(child)
-                todo.append(child)
-    ray = ("ray::", "raylet", "gcs_server")
-    return {int(pid) for pid, _, args in rows if int(pid) in ours and any(r in args for r in ray)}
+    return descendants(markers=("ray::", "raylet", "gcs_server"))
 
 
 @pytest.fixture(scope="module")
