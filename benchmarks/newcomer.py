@@ -430,6 +430,20 @@ def message_of(output: str) -> tuple[str, str]:
     return full, short if len(short) <= 220 else short[:217] + "..."
 
 
+def _run_cli(exe: str, argv: list[str], work: Path, tmp: Path, timeout: float) -> tuple[int | None, str, float]:
+    """``fedspatial ARGV`` from ``work`` with a fresh HOME, all output on one pipe: exit code
+    (None: killed after ``timeout`` s), output, seconds."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([exe, *argv], cwd=work, env=_env(tmp / "home"), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+        code: int | None = proc.returncode
+        output = proc.stdout.decode(errors="replace")
+    except subprocess.TimeoutExpired as err:
+        code, output = None, (err.stdout or b"").decode(errors="replace")
+    return code, output, time.perf_counter() - t0
+
+
 def run_case(case: Case, tmp: Path, sites: Sites, sanitize: Sanitizer, exe: str) -> dict[str, Any]:
     slug = re.sub(r"[^a-z0-9]+", "-", case.kind.lower()).strip("-")
     work = tmp / "cases" / slug
@@ -437,15 +451,9 @@ def run_case(case: Case, tmp: Path, sites: Sites, sanitize: Sanitizer, exe: str)
     argv = case.build(work, sites)
     sanitize.case = [str(work.resolve()), str(work)]
     before = _digest(work)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([exe, *argv], cwd=work, env=_env(tmp / "home"), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=CASE_TIMEOUT_S)
-        code: int | None = proc.returncode
-        output = proc.stdout.decode(errors="replace")
-    except subprocess.TimeoutExpired as err:
-        code, output = None, (err.stdout or b"").decode(errors="replace") + f"\n(killed after {CASE_TIMEOUT_S} s)"
-    seconds = time.perf_counter() - t0
+    code, output, seconds = _run_cli(exe, argv, work, tmp, CASE_TIMEOUT_S)
+    if code is None:
+        output += f"\n(killed after {CASE_TIMEOUT_S} s)"
     after = _digest(work)
     output = sanitize(output)
     full, short = message_of(output)
@@ -486,15 +494,7 @@ def run_demo(tmp: Path, exe: str, sanitize: Sanitizer, *, verbose: bool) -> dict
     argv = [*RUN_ARGS, *(["-v"] if verbose else [])]
     sanitize.case = [str(work.resolve()), str(work)]
     log.info("run%s: fedspatial %s", " -v" if verbose else "", " ".join(argv))
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([exe, *argv], cwd=work, env=_env(tmp / "home"), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
-        code: int | None = proc.returncode
-        raw = proc.stdout.decode(errors="replace")
-    except subprocess.TimeoutExpired as err:
-        code, raw = None, (err.stdout or b"").decode(errors="replace")
-    wall = time.perf_counter() - t0
+    code, raw, wall = _run_cli(exe, argv, work, tmp, RUN_TIMEOUT_S)
     text = sanitize(raw)
     lines = text.split("\n")
     result = {
