@@ -141,7 +141,6 @@ def ensure_federation(cfg: ExperimentConfig) -> Path:
 
 def synthetic_spec(*, seed: int = 0, scale: float = 1.0) -> Any:
     """The built-in federation's spec with section sizes multiplied by ``scale``."""
-
     from fedspatial.shared.data.synthetic import SyntheticSpec
 
     base = SyntheticSpec(seed=seed)
@@ -150,7 +149,6 @@ def synthetic_spec(*, seed: int = 0, scale: float = 1.0) -> Any:
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:
-
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 

@@ -83,16 +83,12 @@ def round_finished(server_round: int, num_rounds: int, where: str = "") -> None:
 def simulation_done(name: str, *, seconds: float, ari: float, reused: bool = False) -> None:
     """``reused``: finished in an earlier session (``--resume``), not run now."""
     emit("simulation-done", "%s %s in %.1f s%s", name, "had finished" if reused else "finished", seconds,
-         _score(ari), name=name, seconds=seconds, ari=ari, reused=reused)
+         _ari(ari, ": "), name=name, seconds=seconds, ari=ari, reused=reused)
 
 
 def mode_done(mode: str, *, mode_index: int, mode_count: int, seconds: float, ari: float) -> None:
-    emit("mode-done", "mode %d/%d %s finished in %.1f s%s", mode_index, mode_count, mode, seconds, _score(ari),
+    emit("mode-done", "mode %d/%d %s finished in %.1f s%s", mode_index, mode_count, mode, seconds, _ari(ari, ": "),
          mode=mode, seconds=seconds, ari=ari, **{"mode-index": mode_index, "mode-count": mode_count})
-
-
-def _score(ari: float) -> str:
-    return f": joint ARI {ari:.3f}" if isinstance(ari, float) and math.isfinite(ari) else ""
 
 
 # ------------------------------------------------------------------ reading the events
@@ -254,5 +250,6 @@ def _sites(fields: dict[str, Any]) -> str:
     return f"{sites} site(s) pooled" if nodes == 1 else f"{sites} site(s) on {nodes} node(s)"
 
 
-def _ari(value: Any) -> str:
-    return f", joint ARI {value:.3f}" if isinstance(value, float) and math.isfinite(value) else ""
+def _ari(value: Any, sep: str = ", ") -> str:
+    """``", joint ARI 0.512"`` (``sep`` first), or nothing when the score is unknown (NaN)."""
+    return f"{sep}joint ARI {value:.3f}" if isinstance(value, float) and math.isfinite(value) else ""
