@@ -215,6 +215,8 @@ def run_one(
             "resume": resume,
             "simulated-mode": sim_name.split("/")[0],  # what the sites record in their h5ad
             "simulated-run": cfg.run_name,
+            # all of them exist from the start: the run must not begin with the first min-nodes
+            "simulated-nodes": len(nodes),
         }
     )
     backend_config = ray_backend_config(cfg, ray_target(ray_address))

@@ -106,7 +106,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
     store.open(run_config)
     saved = store.load_round()
     progress.phase_started("waiting for the sites")
-    nodes = wait_for_nodes(grid, cfg.training.min_nodes or 1)
+    # A simulation's SuperNodes all exist from the start, but may show up a moment apart:
+    # wait for every one, or the run would go on without the late ones.
+    nodes = wait_for_nodes(grid, max(cfg.training.min_nodes or 1, cfg.simulation.simulated_nodes))
     # From here on a site that fails is dropped; the run stops once fewer than min-nodes
     # remain (0: every site that was there at the start; 1 when a site whose privacy
     # budget is spent may leave and the run continue without it).

@@ -212,6 +212,8 @@ class SimulationConfig:
     run-name of the mode, or of the site for local); empty in a deployment (federated)."""
     simulated_run: str = ""
     """Set by ``fedspatial simulate``: the run-name the user gave (recorded by the sites)."""
+    simulated_nodes: int = 0
+    """Set by ``fedspatial simulate``: this Flower run's SuperNodes; it waits for all (0: deployed)."""
 
 
 @dataclass
