@@ -39,6 +39,18 @@ def log_to_run_stream() -> None:
     log_to_stderr(defer_to_root=True)
 
 
+def quick_reply_pulls() -> None:
+    """A deployed ServerApp pulls the parts of a site's reply without Flower's 1 s pauses
+    (:func:`fedspatial.deployment.pacing.quick_object_pulls`); simulation has no such
+    pauses (its grid hands messages over in memory)."""
+    import flwr
+    import flwr.superlink.grid.http_grid as http_grid
+
+    from fedspatial.deployment.pacing import quick_object_pulls
+
+    quick_object_pulls(http_grid, version=flwr.__version__)
+
+
 def run_summary(cfg: ExperimentConfig, report: Mapping[str, Any], folder: Path) -> str:
     """The few lines a submitter wants to see at the end of a run."""
     rounds = report.get("rounds", [])
@@ -90,6 +102,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, *, stream_result
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         log_to_run_stream()
+        quick_reply_pulls()
         run_config = {**dict(context.run_config), **dict(overrides or {})}
         cfg = ExperimentConfig.from_run_config(run_config)
         report = run_federation(grid, cfg, cfg.to_run_config())

@@ -38,7 +38,7 @@ from fedspatial.deployment.network import (
     parse_address,
     port_free,
 )
-from fedspatial.deployment.processes import flower_binary, flower_env, run_child
+from fedspatial.deployment.processes import flower_env, run_child
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +346,9 @@ def supernode_command(opts: ClientOptions) -> list[str]:
         raise DeployError(f"--clientapp-runner must be one of {', '.join(CLIENTAPP_RUNNERS)}, not {opts.clientapp_runner!r}")
     check_superlink(format_address(host, port), ca, timeout=opts.connect_timeout)
     return [
-        flower_binary("flower-supernode"),
+        # Flower's SuperNode, asking for the next message sooner inside a run
+        # (fedspatial.deployment.supernode); -P: the working directory never shadows a module.
+        sys.executable, "-P", "-m", "fedspatial.deployment.supernode", "--",
         "--superlink", format_address(host, port),
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key),
