@@ -32,6 +32,7 @@ fails a ClientApp (:mod:`fedspatial.deployment.app_pinning`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -40,6 +41,8 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -47,8 +50,15 @@ logger = logging.getLogger(__name__)
 
 PRELOAD = "fedspatial.clientapp_preload"
 DEFAULT_POLL_INTERVAL = 0.2
-"""Seconds between two task requests to the local Runtime API (Flower's SuperExec: 1 s)."""
+"""Most seconds between two task requests to the local Runtime API (Flower's SuperExec: 1 s)."""
+FIRST_POLL = 0.02
+"""Seconds before the first request after a task started or ended; 1.5x longer each time
+after that, up to the poll interval: inside a run the next task follows within moments."""
 STOP_GRACE = 10.0
+RUN_WORKER_IDLE = 300.0
+"""Seconds a run's worker (and the site it holds in memory) waits for the run's next message."""
+MAX_IDLE_WORKERS = 2
+"""Idle run workers kept at most (the longest idle leaves first)."""
 LAUNCH_COMMAND = "from fedspatial.clientapp_executor import main; raise SystemExit(main())"
 """``python -c`` program that runs :func:`main` (see the module docstring for why not ``-m``)."""
 
@@ -63,16 +73,32 @@ def _probe() -> None:
         sys.exit(1)
 
 
+@dataclass
+class RunWorkerProcess:
+    """A run's worker (:mod:`fedspatial.run_worker`), as the executor sees it."""
+
+    proc: BaseProcess
+    conn: Connection
+    run: tuple[int, str]
+    """(run id, bundle hash): the tasks it may take."""
+    token: str | None = None
+    """The task in hand; None: idle."""
+    task_id: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+
+
 class WarmExecutor:
-    """Acquire ClientApp tasks from a SuperNode and run each in a forked, warm process."""
+    """Acquire ClientApp tasks from a SuperNode and run them in warm, forked processes:
+    one per run, which answers the run's messages one after the other."""
 
     def __init__(self, runtime_api_address: str, *, poll_interval: float = DEFAULT_POLL_INTERVAL,
-                 allowed: frozenset[str] | None = None) -> None:
+                 allowed: frozenset[str] | None = None, idle_timeout: float = RUN_WORKER_IDLE) -> None:
         self.address = runtime_api_address
         self.poll_interval = poll_interval
         self.allowed = allowed
         """SHA-256 hashes of the app bundles that may run; ``None``: any."""
-        self.running: dict[str, BaseProcess] = {}
+        self.idle_timeout = idle_timeout
+        self.workers: list[RunWorkerProcess] = []
         self.stopping = threading.Event()
         self._lock = threading.Lock()  # launch (polling thread) vs. shutdown (main thread)
         self._ctx = multiprocessing.get_context("forkserver")
@@ -158,39 +184,72 @@ class WarmExecutor:
             flower.push_task_output(client, context, SubStatus.FAILED, reason)
             client.close()
 
-    def launch(self, token: str, task_id: int) -> None:
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
+    def launch(self, token: str, task: Any) -> None:
+        """Hand the task to its run's idle worker, or fork one for it."""
+        from fedspatial.run_worker import serve_run
 
+        run = (int(task.run_id), str(task.fab_hash))
         with self._lock:
             if self.stopping.is_set():
                 return  # acquired while stopping: Flower expires the task and replies with an error
-            # Flower's own function as the target: unpickling it in the task process must
-            # not import fedspatial before Flower loads the ClientApp from the bundle.
-            proc = self._ctx.Process(
-                target=run_clientapp, name=f"clientapp-task-{task_id}",
-                kwargs={
-                    "runtime_api_address": self.address,
-                    "token": token,
-                    "insecure": True,  # the Runtime API listens on 127.0.0.1 only
-                    "certificates": None,
-                    "parent_pid": os.getpid(),
-                    "runtime_dependency_install": False,
-                },
-            )
-            proc.start()
-            self.running[token] = proc
-        logger.debug("task %d: ClientApp process %s started", task_id, proc.pid)
+            worker = next((w for w in self.workers if w.run == run and w.token is None and w.proc.exitcode is None), None)
+            if worker is None:
+                ours, theirs = self._ctx.Pipe()
+                proc = self._ctx.Process(target=serve_run, name=f"clientapp-run-{task.run_id}",
+                                         args=(theirs, self.address, os.getpid()))
+                proc.start()
+                theirs.close()
+                worker = RunWorkerProcess(proc, ours, run)
+                self.workers.append(worker)
+                logger.info("run %d: ClientApp worker %s started (it keeps this site loaded for the run's "
+                            "next messages)", task.run_id, proc.pid)
+            worker.conn.send(token)
+            worker.token, worker.task_id = token, int(task.task_id)
+        logger.debug("task %d: sent to the worker of run %d (pid %s)", task.task_id, task.run_id, worker.proc.pid)
 
-    def reap(self) -> None:
+    def reap(self) -> int:
+        """Collect finished tasks, drop workers that ended, retire idle ones; returns how
+        many tasks ended."""
+        ended, retire = 0, []
         with self._lock:
-            finished = {t: p for t, p in self.running.items() if p.exitcode is not None}
-            for token in finished:
-                del self.running[token]
-        for proc in finished.values():
-            proc.join()
-            if proc.exitcode != 0:
-                # Flower has already logged the reason and replied with an error.
-                logger.warning("ClientApp process %s (%s) exited with code %s", proc.pid, proc.name, proc.exitcode)
+            now = time.monotonic()
+            for w in list(self.workers):
+                try:
+                    while w.token is not None and w.conn.poll():
+                        w.conn.recv()
+                        w.token, w.idle_since = None, now
+                        ended += 1
+                except (EOFError, OSError):
+                    pass  # the worker ended: seen below
+                if w.proc.exitcode is not None:
+                    if w.token is not None:  # Flower's task heartbeat expires and fails the task
+                        logger.warning("ClientApp worker %s of run %d ended with exit code %s during task %d",
+                                       w.proc.pid, w.run[0], w.proc.exitcode, w.task_id)
+                        ended += 1
+                    self.workers.remove(w)
+                    retire.append(w)
+                elif w.token is None and now - w.idle_since > self.idle_timeout:
+                    self.workers.remove(w)
+                    retire.append(w)
+            idle = sorted((w for w in self.workers if w.token is None), key=lambda w: w.idle_since)
+            for w in idle[: max(0, len(idle) - MAX_IDLE_WORKERS)]:
+                self.workers.remove(w)
+                retire.append(w)
+        for w in retire:
+            self._retire(w)
+        return ended
+
+    @staticmethod
+    def _retire(worker: RunWorkerProcess) -> None:
+        if worker.proc.exitcode is None:
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)  # idle: it leaves at once
+            worker.proc.join(STOP_GRACE)
+            if worker.proc.exitcode is None:
+                worker.proc.kill()
+            logger.info("run %d: ClientApp worker %s ended (idle)", worker.run[0], worker.proc.pid)
+        worker.proc.join(5)
+        worker.conn.close()
 
     def serve(self) -> None:
         """Poll for tasks until :meth:`stop`."""
@@ -199,15 +258,19 @@ class WarmExecutor:
 
         client = self._client()
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        delay = self.poll_interval
         try:
             while not self.stopping.is_set():
-                self.reap()
+                if self.reap():
+                    delay = min(FIRST_POLL, self.poll_interval)
                 res = client.AcquireTask(request)
                 if res.HasField("task") and res.token:
                     if self.admit(res.token, res.task):
-                        self.launch(res.token, res.task.task_id)
+                        self.launch(res.token, res.task)
+                    delay = min(FIRST_POLL, self.poll_interval)
                     continue  # another task may be waiting (several runs)
-                self.stopping.wait(self.poll_interval)
+                self.stopping.wait(delay)
+                delay = min(delay * 1.5, self.poll_interval)
         finally:
             client.close()
 
@@ -215,21 +278,22 @@ class WarmExecutor:
         self.stopping.set()
 
     def shutdown(self) -> None:
-        """SIGTERM to running task processes (Flower then reports the task stopped),
+        """SIGTERM to the run workers (a task in hand is reported stopped to Flower),
         SIGKILL after :data:`STOP_GRACE` seconds."""
         self.stopping.set()
         with self._lock:
-            running = list(self.running.values())
-            self.running.clear()
-        for proc in running:
-            if proc.exitcode is None and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
+            workers = list(self.workers)
+            self.workers.clear()
+        for w in workers:
+            if w.proc.exitcode is None and w.proc.pid is not None:
+                os.kill(w.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
-        for proc in running:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.exitcode is None:
-                proc.kill()
-                proc.join(5)
+        for w in workers:
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+            if w.proc.exitcode is None:
+                w.proc.kill()
+                w.proc.join(5)
+            w.conn.close()
 
 
 def _watch_parent(parent_pid: int, executor: WarmExecutor) -> None:

@@ -157,12 +157,12 @@ def test_warm_executor_refuses_an_unlisted_bundle_before_forking(monkeypatch, fl
                         lambda client, ctx, status, details: pushed.append(("status", status, details)))
     executor = WarmExecutor("127.0.0.1:1", allowed=frozenset({A}), poll_interval=0.01)
     launched: list = []
-    monkeypatch.setattr(executor, "launch", lambda token, task_id: launched.append(task_id))
+    monkeypatch.setattr(executor, "launch", lambda token, task: launched.append(task.task_id))
     tokens: list = []
     fake = _FakeRuntime(executor, [real, A])
     monkeypatch.setattr(executor, "_client", lambda token=None: tokens.append(token) or fake)
     executor.serve()
-    assert launched == [2] and executor.running == {}  # task 1 never reached a fork
+    assert launched == [2] and executor.workers == []  # task 1 never reached a fork
     assert tokens == [None, "token-1"]  # the refusal speaks for task 1 with its own token
     (_, reply), (_, status, details) = pushed
     assert reply.error.code == ErrorCode.INVALID_FAB and reply.metadata.reply_to_message_id == message.metadata.message_id

@@ -16,6 +16,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -775,6 +776,13 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
         assert annotated.obsm["X_fedspatial"].shape[1] == 8
         assert "fedspatial_domain" in annotated.obs
     assert not list((deployment.results / "t1").rglob("*.h5ad"))  # sections stay at the sites
+    # Each site answered the run's messages from one worker process, which loaded its data
+    # once (issue 17 item 4), not once per message as a fresh ClientApp process does.
+    for site in SITES:
+        log = deployment.log(f"client-{site}.log")
+        workers = re.findall(r"run (\d+): ClientApp worker \d+ started", log)
+        assert workers.count(run_id) == 1, log[-3000:]
+        assert log.count("fedspatial.shared.data.io: loaded") == len(workers) < log.count("Receiving:")
     # ... and no hospital's own path reaches the center (issue 14 item 6): file names only.
     assert str(deployment.root / "out") not in (deployment.results / "t1" / "metrics.json").read_text()
     section = next(iter(report["sections"].values()))
