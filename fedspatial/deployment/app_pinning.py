@@ -130,10 +130,10 @@ def app_hash(path: Path) -> tuple[str, str]:
     if path.is_dir():
         if not (path / "pyproject.toml").is_file():
             raise DeployError(f"{path} is not a Flower App folder (no pyproject.toml)")
-        from flwr.cli.build import build_fab_from_disk
+        from fedspatial.deployment.app_bundle import build_bundle
 
         try:
-            content = build_fab_from_disk(path)
+            content = build_bundle(path)
         except ValueError as err:
             raise DeployError(f"{path}: cannot bundle it as `flwr run` would: {err}") from None
         how = f"bundled from {path} as `flwr run` does"

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedspatial.deployment.app_bundle import stage_app
 from fedspatial.deployment.errors import DeployError
 from fedspatial.deployment.network import check_superlink, format_address, parse_address
 from fedspatial.deployment.processes import flower_binary, flower_env
@@ -194,7 +195,9 @@ def run_submit(
             connection = "fedspatial"
         run_config_file = Path(tmp) / "run-config.toml"
         run_config_file.write_text(toml_table(run_config))
-        cmd = [flower_binary("flwr"), "run", str(app)]
+        # The bundle's files only: Flower would list all of .venv first (app_bundle).
+        staged = stage_app(app, Path(tmp) / "app")
+        cmd = [flower_binary("flwr"), "run", str(staged)]
         if connection:
             cmd.append(connection)
         cmd += ["--run-config", str(run_config_file), "--stream"]
