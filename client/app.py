@@ -27,7 +27,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedspatial.client.site import run_config_of, site_for
-from fedspatial.records import from_recorddict, to_recorddict
+from fedspatial.records import from_recorddict, is_packed, to_recorddict
 from fedspatial.shared.models import build_model
 from fedspatial.shared.phases import all_queries, phase_for
 from fedspatial.shared.privacy.dp import PRIVACY_BUDGET_ERROR, PrivacyBudgetExceeded
@@ -141,7 +141,10 @@ def _handler(query: str) -> Callable[[Message, Context], Message]:
                 logger.warning("SITE POLICY: %s withheld %s from its %s reply (a cell below min-cell-count=%d)",
                                site.name, ", ".join(withheld), message_type(query), policy.min_cell_count)
         # Whatever a phase reports, the hospital's own paths stay here (relative ones go).
-        return Message(content=to_recorddict(strip_site_paths(reply, site.private_roots)), reply_to=msg)
+        # A model update travels packed only when the server packed the model it sent: Flower's
+        # client-side DP and SecAgg+ mods read the arrays one by one (fedspatial.records).
+        pack = query not in (Query.TRAIN, Query.EVALUATE) or is_packed(msg.content)
+        return Message(content=to_recorddict(strip_site_paths(reply, site.private_roots), pack=pack), reply_to=msg)
 
     handle.__name__ = handle.__qualname__ = f"answer_{query}"
     handle.__doc__ = f"``{message_type(query)}``: answered by the {phase.name} phase."

@@ -3,10 +3,20 @@ and Flower's records, used by the ServerApp and the ClientApp alike.
 
 A payload travels as a RecordDict with up to three records: ``arrays`` (ArrayRecord),
 ``config`` (ConfigRecord) and ``metrics`` (MetricRecord).
+
+Flower 1.42 moves every array of a message as two separate objects (the array and its
+chunk), each one request at every hop: ServerApp -> SuperLink -> SuperNode -> ClientApp
+and back, every request a few database operations at the SuperLink. A query's arrays are
+therefore packed into one byte array (``packed``; its ``layout`` in a ConfigRecord of the
+same name), so that a k-means step with a dozen small arrays costs two objects, not two
+dozen. A training message's model is packed by the server's grid for the journey only
+(:func:`pack_content`, :func:`unpack_content`): Flower's strategies see and aggregate
+the arrays one by one, as always.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -15,22 +25,60 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedspatial.shared.protocol.payload import ConfigValue, Payload
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+PACKED, LAYOUT = "packed", "layout"
+
+
+def _contiguous(value: np.ndarray) -> np.ndarray:
+    """``value`` in C order (not ``np.ascontiguousarray``: it makes a 0-d array 1-d)."""
+    value = np.asarray(value)
+    return value if value.flags.c_contiguous else value.copy(order="C")
 
 
 def arrays_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(_contiguous(v)) for k, v in arrays.items()})
 
 
 def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def to_recorddict(payload: Payload) -> RecordDict:
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+    """All ``arrays`` as one uint8 array, and the JSON layout that :func:`unpack_arrays`
+    reads them back with (name, dtype, shape, byte offset, for each)."""
+    parts, layout, offset = [], [], 0
+    for name, value in arrays.items():
+        value = _contiguous(value)
+        if value.dtype.hasobject:
+            raise TypeError(f"array {name!r} holds Python objects: a message carries numbers or fixed-width strings")
+        parts.append(value.reshape(-1).view(np.uint8))
+        layout.append([name, value.dtype.str, list(value.shape), offset])
+        offset += value.nbytes
+    packed = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+    return packed, json.dumps(layout)
+
+
+def unpack_arrays(packed: np.ndarray, layout: str) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_arrays` (each array a copy that owns its memory)."""
+    raw = np.ascontiguousarray(packed, dtype=np.uint8)
+    out = {}
+    for name, dtype, shape, offset in json.loads(layout):
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        out[name] = raw[offset: offset + count * dt.itemsize].view(dt).reshape(shape).copy()
+    return out
+
+
+def to_recorddict(payload: Payload, *, pack: bool = True) -> RecordDict:
     """``payload`` as a message's content; empty parts are left out (a ConfigRecord
     cannot hold an empty list, so such entries are dropped: readers treat a missing
-    list as empty)."""
+    list as empty). ``pack``: send the arrays as one (see the module docstring); False
+    for the model arrays a Flower strategy aggregates."""
     content = RecordDict()
-    if payload.arrays:
+    if payload.arrays and pack and len(payload.arrays) > 1:
+        packed, layout = pack_arrays(payload.arrays)
+        content[ARRAYS] = ArrayRecord({PACKED: Array(packed)})
+        content[LAYOUT] = ConfigRecord({LAYOUT: layout})
+    elif payload.arrays:
         content[ARRAYS] = arrays_record(payload.arrays)
     config = {k: v for k, v in payload.config.items() if not (isinstance(v, list) and not v)}
     if config:
@@ -42,6 +90,34 @@ def to_recorddict(payload: Payload) -> RecordDict:
 def from_recorddict(content: RecordDict) -> Payload:
     """Inverse of :func:`to_recorddict` (records under other names are ignored)."""
     arrays = record_arrays(content.array_records[ARRAYS]) if ARRAYS in content.array_records else {}
+    if LAYOUT in content.config_records and set(arrays) == {PACKED}:
+        arrays = unpack_arrays(arrays[PACKED], str(content.config_records[LAYOUT][LAYOUT]))
     config: dict[str, ConfigValue] = dict(content.config_records[CONFIG]) if CONFIG in content.config_records else {}  # type: ignore[arg-type]
     metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
     return Payload(arrays, config, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
+
+
+def pack_content(content: RecordDict) -> bool:
+    """Pack the ``arrays`` record of a message's ``content`` in place (as
+    :func:`to_recorddict` does); False when there was nothing to pack."""
+    record = content.array_records.get(ARRAYS)
+    if record is None or len(record) < 2 or LAYOUT in content.config_records:
+        return False
+    packed, layout = pack_arrays(record_arrays(record))
+    content[ARRAYS] = ArrayRecord({PACKED: Array(packed)})
+    content[LAYOUT] = ConfigRecord({LAYOUT: layout})
+    return True
+
+
+def unpack_content(content: RecordDict) -> None:
+    """Undo :func:`pack_content` (or a packed :func:`to_recorddict`) in place."""
+    record = content.array_records.get(ARRAYS)
+    if record is None or LAYOUT not in content.config_records or set(record.keys()) != {PACKED}:
+        return
+    arrays = unpack_arrays(record[PACKED].numpy(), str(content.config_records[LAYOUT][LAYOUT]))
+    content[ARRAYS] = arrays_record(arrays)
+    del content[LAYOUT]
+
+
+def is_packed(content: RecordDict) -> bool:
+    return LAYOUT in content.config_records

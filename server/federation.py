@@ -121,6 +121,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
             if (store.checkpoint_dir / "state.json").is_file() else "No round finished: nothing to resume; submit the run again."
         ),
         message_timeout=cfg.training.message_timeout,
+        # Flower's client-side DP clipping and SecAgg+ mods read a model's arrays one by one.
+        pack=cfg.privacy.central_dp not in ("client-fixed", "client-adaptive") and not cfg.privacy.secagg,
     )
     run = Run(cfg, run_config, store.folder, started=t0)
     if saved is not None:

@@ -17,6 +17,8 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedspatial.records import pack_content, unpack_content
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MESSAGE_TIMEOUT = 600.0
@@ -68,13 +70,18 @@ class SiteGroup(Grid):
         The run stops once fewer sites remain.
     patience : float (default: 120.0)
         Seconds to wait for participants that are offline before giving up.
-    poll_interval : float (default: 1.0)
-        Longest pause between checks for replies (Flower's own loop sleeps 3 s).
+    poll_interval : float (default: 0.25)
+        Longest pause between checks for replies (Flower's own loop sleeps 3 s): a check
+        is one local request to the SuperLink, and a run waits on every reply.
     hint : str or callable returning str (default: "")
         Appended to the error when too few sites remain (what was saved, how to go on);
         a callable is asked when the error is raised, so it can say what exists by then.
     message_timeout : float (default: 600.0)
         Longest wait for a reply, whatever timeout a caller asks for.
+    pack : bool (default: True)
+        Send a message's arrays packed into one, and unpack the replies' (fewer objects
+        per message: :mod:`fedspatial.records`); False when Flower's client-side DP or
+        SecAgg+ mods must read a training message's arrays one by one.
     """
 
     def __init__(
@@ -84,9 +91,10 @@ class SiteGroup(Grid):
         *,
         min_nodes: int,
         patience: float = 120.0,
-        poll_interval: float = 1.0,
+        poll_interval: float = 0.25,
         hint: str | Callable[[], str] = "",
         message_timeout: float = DEFAULT_MESSAGE_TIMEOUT,
+        pack: bool = True,
     ) -> None:
         self._grid = grid
         self.nodes: list[int] = sorted(nodes)
@@ -95,6 +103,7 @@ class SiteGroup(Grid):
         self.poll_interval = poll_interval
         self.hint = hint
         self.message_timeout = message_timeout
+        self.pack = pack
         self.names: dict[int, str] = {}
         self.dropped: dict[str, str] = {}
         self._short_since: float | None = None
@@ -206,6 +215,9 @@ class SiteGroup(Grid):
         model depend on which hospital answered first."""
         timeout = self.message_timeout if timeout is None else min(timeout, self.message_timeout)
         messages = list(messages)
+        if self.pack:
+            for m in messages:
+                pack_content(m.content)
         ids = list(self._grid.push_messages(messages))
         pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True) if mid}
         self._node_of_message.update(pending)
@@ -214,6 +226,8 @@ class SiteGroup(Grid):
         delay = 0.05  # quick replies (simulation) are seen at once; then back off
         while pending:
             for reply in self._grid.pull_messages(list(pending)):
+                if reply.has_content():
+                    unpack_content(reply.content)
                 replies.append(reply)
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None and reply.has_error():

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedspatial.records import from_recorddict, is_packed, pack_content, unpack_content
 from fedspatial.shared.data.manifest import read_manifest
 from fedspatial.shared.phases import all_queries
 from fedspatial.shared.protocol.names import RUN_CONFIG, Query
@@ -43,16 +44,20 @@ def poisoned_client_app(honest: ClientApp, site: str, factor: float = -10.0) -> 
         return honest(msg, context)
 
     def train(msg: Message, context: Context) -> Message:
-        received = ArrayRecord({k: Array(v.numpy()) for k, v in msg.content.array_records["arrays"].items()})
+        received = from_recorddict(msg.content).arrays  # (packed or not: see fedspatial.records)
         name = site_name(msg, context)
         reply = honest(msg, context)
         if reply.has_error() or name != site:
             return reply
         logger.warning("POISONED SITE %s: train reply w -> g + %g (w - g)", site, factor)
+        packed = is_packed(reply.content)
+        unpack_content(reply.content)
         arrays = reply.content.array_records["arrays"]
         for k in list(arrays.keys()):
-            g, w = received[k].numpy(), arrays[k].numpy()
+            g, w = received[k], arrays[k].numpy()
             arrays[k] = Array((g + factor * (w - g)).astype(w.dtype))
+        if packed:
+            pack_content(reply.content)
         return reply
 
     for query in all_queries():
