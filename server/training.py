@@ -22,6 +22,7 @@ from fedspatial.server.messaging import SiteGroup
 from fedspatial.server.run_store import RunStore
 from fedspatial.shared.phases.base import Run, TrainOutcome, Weights
 from fedspatial.shared.protocol.feature_space import feature_space_to_config
+from fedspatial.shared.protocol.names import EVALUATE_RECEIVED
 from fedspatial.strategies import PrivacyBudgetGuard, PrivacyBudgetStop, central_dp
 from fedspatial.strategies.registry import build_strategy, sites_per_round
 from fedspatial.strategies.secagg import run_secagg_rounds
@@ -73,8 +74,9 @@ def train_rounds(
         node_order=sites.name,  # the same sites drawn for the same seed, whatever their node ids
         min_evaluate_nodes=n_min,
         min_available_nodes=n_min,
-        # a loss over all of a site's cells is not privatized: no client evaluation under local DP
-        fraction_evaluate=0.0 if privacy.local_dp else 1.0,
+        # No evaluate messages: each train message measures the model it brings first (the
+        # previous round's evaluation, EVALUATE_RECEIVED), the embed message the final one.
+        fraction_evaluate=0.0,
         # client-level DP bounds one site's influence on an equally weighted mean
         weighted_by_key="unit-weight" if privacy.central_dp != "none" else "num-examples",
     )
@@ -86,7 +88,8 @@ def train_rounds(
         n_sites=sites_per_round(len(sites.nodes), cfg.training.fraction_train, n_min),
     )
     guard = PrivacyBudgetGuard(inner, on_exhausted=privacy.on_exhausted)
-    config = {**common, **run.message_config()}
+    # A loss over all of a site's cells is not privatized: not asked for under local DP.
+    config = {**common, **run.message_config(), EVALUATE_RECEIVED: int(not privacy.local_dp)}
     arrays = arrays_record(initial)
     last_saved: dict[str, Any] = {"round": done_rounds, "arrays": arrays}
     checkpoint_state = {

@@ -19,6 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedspatial.shared.protocol.names import RECEIVED_EVAL_LOSS
+
 
 def _payload_bytes(messages: Iterable[Message]) -> int:
     total = 0
@@ -159,6 +161,12 @@ class SpatialFedAvg(FedAvg):
                 entry.setdefault("errors", []).append(
                     {"node": msg.metadata.src_node_id, "error": msg.error.reason}
                 )
+        received_loss = _scalar(agg, RECEIVED_EVAL_LOSS)
+        if received_loss is not None:  # the sites measured the model this round started from
+            entry[RECEIVED_EVAL_LOSS] = received_loss
+            previous = self.history[-2] if len(self.history) > 1 else None
+            if previous is not None and previous["round"] == entry["round"] - 1 and previous.get("eval-loss") is None:
+                previous["eval-loss"] = received_loss
         entry["bytes-sent"] = self._sent
         entry["bytes-received"] = received
         entry["train-loss"] = _scalar(agg, "train-loss")

@@ -330,6 +330,10 @@ def test_median_trains_through_a_sign_flipped_site_drawing_4_of_5(tmp_path):
     assert len({tuple(sorted(r["sites"])) for r in rounds}) > 1  # drawn afresh each round
     assert any("hospital_c" in r["sites"] for r in rounds)  # the poisoned site took part
     assert rounds[-1]["eval-loss"] < rounds[0]["eval-loss"]
+    # One message per round: each train reply measures the model it started from (the
+    # previous round's evaluation); embed measures the final one.
+    assert all(r["eval-loss"] > 0 for r in rounds)
+    assert [r.get("received-eval-loss") == rounds[i - 1]["eval-loss"] for i, r in enumerate(rounds)][1:] == [True, True]
 
 
 @pytest.mark.flower

@@ -4,14 +4,21 @@ counts) and the embedding's per-dimension moments, which start the domain cluste
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from fedspatial.shared.algorithms import kmeans as clustering
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site, SiteState
 from fedspatial.shared.phases.training import model_from
-from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
+from fedspatial.shared.protocol.names import (
+    EVALUATE_RECEIVED,
+    NUM_EXAMPLES,
+    RECEIVED_EVAL_LOSS,
+    Query,
+)
 from fedspatial.shared.protocol.payload import Payload
-from fedspatial.shared.training.loop import embed
+from fedspatial.shared.training.loop import embed, evaluate_loss
 
 EMBEDDING_KEY = "fedspatial-embedding"
 UNCORRECTED = "z-uncorrected"
@@ -50,11 +57,34 @@ class Embedding(Phase):
 
     def run(self, fed: Federation, run: Run) -> None:
         assert run.training is not None
-        request = Payload(arrays=run.training.weights, config={**run.message_config(), "n-domains": run.cfg.clustering.n_domains})
-        run.proposals = {site: reply.arrays for site, reply in fed.ask(Query.EMBED, request).items()}
+        request = Payload(arrays=run.training.weights, config={
+            **run.message_config(), "n-domains": run.cfg.clustering.n_domains,
+            EVALUATE_RECEIVED: int(not run.cfg.privacy.local_dp),
+        })
+        replies = fed.ask(Query.EMBED, request)
+        run.proposals = {site: reply.arrays for site, reply in replies.items()}
+        record_final_eval_loss(run, replies)
 
     def answer(self, site: Site, query: str, request: Payload) -> Payload:
-        z = embed(model_from(request), site.graph_data(site.setup()))
+        model, data = model_from(request), site.graph_data(site.setup())
+        metrics: dict[str, int | float] = {NUM_EXAMPLES: site.n_cells}
+        if request.number(EVALUATE_RECEIVED, 0) and not site.cfg.privacy.local_dp:  # an unprivatized statistic
+            metrics[RECEIVED_EVAL_LOSS] = evaluate_loss(model, data)
+        z = embed(model, data)
         store_embedding(site.state, z)
         proposal = propose_domains(z, int(request.number("n-domains")), site.cfg.seed)
-        return Payload(arrays=proposal, metrics={NUM_EXAMPLES: site.n_cells})
+        return Payload(arrays=proposal, metrics=metrics)
+
+
+def record_final_eval_loss(run: Run, replies: Mapping[str, Payload]) -> None:
+    """The last round's ``eval-loss`` from the sites' losses of the final model (weighted
+    as the training rounds weight the sites: by cells, or equally under central DP)."""
+    assert run.training is not None
+    history = run.training.history
+    losses = [(r.metrics[RECEIVED_EVAL_LOSS], r.metrics.get(NUM_EXAMPLES, 0)) for r in replies.values()
+              if RECEIVED_EVAL_LOSS in r.metrics]
+    if not history or not losses or history[-1].get("eval-loss") is not None:
+        return
+    weights = [1.0 if run.cfg.privacy.central_dp != "none" else float(n) for _, n in losses]
+    if sum(weights) > 0:
+        history[-1]["eval-loss"] = float(sum(loss * w for (loss, _), w in zip(losses, weights, strict=True)) / sum(weights))

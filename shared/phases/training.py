@@ -5,7 +5,10 @@ run the training rounds through the federation's strategy (FedAvg weighted by ce
 central DP and SecAgg+ wrappers when configured; checkpoint after every round), and
 save the final global model. Site half: Flower's ``train`` message (local epochs from
 the global weights; DP-SGD charged to the site's ledger under ``privacy.local-dp``) and
-``evaluate`` (reconstruction loss on the site's cells).
+``evaluate`` (reconstruction loss on the site's cells). The server asks for that loss within
+``train`` instead (:data:`~fedspatial.shared.protocol.names.EVALUATE_RECEIVED`): the loss of
+the model a round starts from is the previous round's evaluation, so a round is one message,
+not two; ``embed`` reports the final model's.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from fedspatial.shared.privacy.dp import (
     plan_round,
 )
 from fedspatial.shared.protocol.feature_space import feature_space_to_config
-from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
+from fedspatial.shared.protocol.names import (
+    EVALUATE_RECEIVED,
+    NUM_EXAMPLES,
+    RECEIVED_EVAL_LOSS,
+    Query,
+)
 from fedspatial.shared.protocol.payload import Payload
 from fedspatial.shared.storage.checkpoint import save_checkpoint
 from fedspatial.shared.training.loop import TrainResult, evaluate_loss, train_epochs
@@ -81,6 +89,9 @@ class Training(Phase):
             loss = evaluate_loss(model, site.graph_data(setup))
             return Payload(metrics={NUM_EXAMPLES: site.n_cells, "unit-weight": 1.0, "eval-loss": loss})
         start = time.perf_counter()
+        received_loss = None
+        if request.number(EVALUATE_RECEIVED, 0) and not site.cfg.privacy.local_dp:  # an unprivatized statistic
+            received_loss = evaluate_loss(model, site.graph_data(setup))  # before training changes the model
         server_round = int(request.number("server-round", 0))
         seed = site.round_seed(int(request.number("seed", 0)), server_round)
         if site.cfg.privacy.local_dp:
@@ -105,6 +116,8 @@ class Training(Phase):
             metrics.update({"dp-epsilon": ledger.epsilon, "dp-delta": ledger.delta, "dp-budget": ledger.budget_epsilon})
         else:
             metrics["train-loss"] = result.loss
+        if received_loss is not None:
+            metrics[RECEIVED_EVAL_LOSS] = received_loss
         return Payload(arrays=to_weights(model), metrics=metrics)
 
 

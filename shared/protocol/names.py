@@ -83,3 +83,8 @@ RUN_CONFIG = "run-config"
 """Config key of the run's settings (JSON) that every message carries."""
 NUM_EXAMPLES = "num-examples"
 """Metric key of a reply's cell count (Flower's weighting key)."""
+EVALUATE_RECEIVED = "evaluate-received"
+"""``train`` config: first measure the model received on the site's cells (its ``eval-loss``),
+then train; the server then sends no ``evaluate`` messages (one message per round, not two)."""
+RECEIVED_EVAL_LOSS = "received-eval-loss"
+"""``train`` metric: that loss, the previous round's global model evaluated at the site."""
