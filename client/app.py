@@ -26,8 +26,17 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from fedspatial.client.site import run_config_of, site_for
-from fedspatial.records import from_recorddict, is_packed, to_recorddict
+from fedspatial.client.site import SiteRuntime, run_config_of, site_for
+from fedspatial.records import (
+    RIDER_ERROR,
+    RIDERS,
+    from_recorddict,
+    is_packed,
+    nest,
+    rider_prefix,
+    to_recorddict,
+    unnest,
+)
 from fedspatial.shared.models import build_model
 from fedspatial.shared.phases import all_queries, phase_for
 from fedspatial.shared.privacy.dp import PRIVACY_BUDGET_ERROR, PrivacyBudgetExceeded
@@ -111,6 +120,29 @@ def _warn_no_policy() -> None:
         logger.warning("%s", NO_POLICY_WARNING)
 
 
+def _answer_riders(request: RecordDict, reply: RecordDict, site: SiteRuntime) -> None:
+    """Answer the later requests a message carries (server.federation ``carry``), in
+    order, after its own query and with the same checks: the site policy first, the
+    small-table rule after, paths stripped. One the site does not answer is marked as
+    such; the server then asks it again on its own (and gets the refusal there)."""
+    riders = request.config_records.get(RIDERS)
+    for i, query in enumerate(list(riders[RIDERS]) if riders is not None else []):  # type: ignore[arg-type]
+        prefix = rider_prefix(i)
+        try:
+            rider = from_recorddict(unnest(request, prefix))
+            why = None if site.node.policy is None else refusal(site.node.policy, str(query), site.cfg, rider)
+            if why is not None:
+                raise PermissionError(f"site {site.name} refuses {message_type(str(query))} by its site policy: {why}")
+            answer = phase_for(str(query)).answer(site, str(query), rider)
+            if site.node.policy is not None:
+                answer, _ = withhold_small_tables(site.node.policy, answer)
+        except Exception as err:  # asked again on its own, where it fails loudly
+            logger.warning("%s: %s (carried request; the server asks it again)", message_type(str(query)), err)
+            reply[prefix + RIDER_ERROR] = ConfigRecord({"reason": str(err)})
+            continue
+        nest(reply, prefix, to_recorddict(strip_site_paths(answer, site.private_roots)))
+
+
 def _handler(query: str) -> Callable[[Message, Context], Message]:
     phase = phase_for(query)
 
@@ -144,7 +176,9 @@ def _handler(query: str) -> Callable[[Message, Context], Message]:
         # A model update travels packed only when the server packed the model it sent: Flower's
         # client-side DP and SecAgg+ mods read the arrays one by one (fedspatial.records).
         pack = query not in (Query.TRAIN, Query.EVALUATE) or is_packed(msg.content)
-        return Message(content=to_recorddict(strip_site_paths(reply, site.private_roots), pack=pack), reply_to=msg)
+        content = to_recorddict(strip_site_paths(reply, site.private_roots), pack=pack)
+        _answer_riders(msg.content, content, site)
+        return Message(content=content, reply_to=msg)
 
     handle.__name__ = handle.__qualname__ = f"answer_{query}"
     handle.__doc__ = f"``{message_type(query)}``: answered by the {phase.name} phase."

@@ -26,6 +26,14 @@ from fedspatial.shared.protocol.payload import ConfigValue, Payload
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 PACKED, LAYOUT = "packed", "layout"
+RIDERS = "riders"
+"""ConfigRecord of a request carrying later requests (:func:`rider_prefix`): their queries."""
+RIDER_ERROR = "error"
+"""ConfigRecord, under a rider's prefix, of a rider the site did not answer (``reason``)."""
+
+
+def rider_prefix(i: int) -> str:
+    return f"rider{i}."
 
 
 def _contiguous(value: np.ndarray) -> np.ndarray:
@@ -110,14 +118,28 @@ def pack_content(content: RecordDict) -> bool:
 
 
 def unpack_content(content: RecordDict) -> None:
-    """Undo :func:`pack_content` (or a packed :func:`to_recorddict`) in place."""
-    record = content.array_records.get(ARRAYS)
-    if record is None or LAYOUT not in content.config_records or set(record.keys()) != {PACKED}:
-        return
-    arrays = unpack_arrays(record[PACKED].numpy(), str(content.config_records[LAYOUT][LAYOUT]))
-    content[ARRAYS] = arrays_record(arrays)
-    del content[LAYOUT]
+    """Undo :func:`pack_content` (or a packed :func:`to_recorddict`) in place, for the
+    payload itself and for every payload :func:`nest`-ed in it."""
+    for name in [n for n in content.config_records if n == LAYOUT or n.endswith("." + LAYOUT)]:
+        prefix = name[: -len(LAYOUT)]
+        record = content.array_records.get(prefix + ARRAYS)
+        if record is None or set(record.keys()) != {PACKED}:
+            continue
+        arrays = unpack_arrays(record[PACKED].numpy(), str(content.config_records[name][LAYOUT]))
+        content[prefix + ARRAYS] = arrays_record(arrays)
+        del content[name]
 
 
 def is_packed(content: RecordDict) -> bool:
     return LAYOUT in content.config_records
+
+
+def nest(content: RecordDict, prefix: str, inner: RecordDict) -> None:
+    """Carry the records of ``inner`` in ``content`` under ``prefix`` (e.g. ``rider0.``):
+    one message, several payloads (:func:`unnest` takes them out again)."""
+    for name, record in inner.items():
+        content[prefix + name] = record
+
+
+def unnest(content: RecordDict, prefix: str) -> RecordDict:
+    return RecordDict({name[len(prefix):]: record for name, record in content.items() if name.startswith(prefix)})

@@ -10,6 +10,7 @@ training, embedding, Harmony (with ``clustering.harmony``), k-means, mixture (wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -17,10 +18,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedspatial.records import from_recorddict, to_recorddict
+from fedspatial.records import (
+    RIDER_ERROR,
+    RIDERS,
+    from_recorddict,
+    nest,
+    rider_prefix,
+    to_recorddict,
+    unnest,
+)
 from fedspatial.server import progress
 from fedspatial.server.messaging import SiteError, SiteGroup, ask, wait_for_nodes
 from fedspatial.server.report import privacy_summary, write_run_report
@@ -47,6 +57,14 @@ class FlowerFederation:
         self.group = group
         self.store = store
         self.common = {RUN_CONFIG: json.dumps(dict(run_config))}
+        self._riders: list[tuple[str, Payload]] = []
+        self._kept: dict[tuple[str, str], dict[str, Payload]] = {}
+
+    def carry(self, requests: Sequence[tuple[str, Payload]]) -> None:
+        """Send ``requests`` along with the next :meth:`ask` (answered at each site right
+        after it); their replies are kept for the phase that asks them later
+        (:meth:`~fedspatial.shared.phases.base.Phase.early_requests`)."""
+        self._riders = list(requests)
 
     @property
     def sites(self) -> list[str]:
@@ -73,10 +91,21 @@ class FlowerFederation:
         unknown = [s for s in asked if s not in nodes]
         if unknown:
             raise SiteError(f"{message_type(query)}: site(s) {', '.join(unknown)} are not (or no longer) in the run")
+        if payload is None or isinstance(payload, Payload):
+            kept = self._kept.pop((str(query), _request_key(payload)), None)
+            if kept is not None and sites is None and set(kept) == set(asked):
+                logger.debug("%s: answered with an earlier message", message_type(query))
+                return {s: kept[s] for s in sorted(kept)}
+        riders, self._riders = self._riders, []
 
         def content(p: Payload | None) -> RecordDict:
             p = p or Payload()
-            return to_recorddict(Payload(p.arrays, {**self.common, **p.config}, p.metrics))
+            out = to_recorddict(Payload(p.arrays, {**self.common, **p.config}, p.metrics))
+            if riders:
+                out[RIDERS] = ConfigRecord({RIDERS: [str(q) for q, _ in riders]})
+                for i, (_, rider) in enumerate(riders):
+                    nest(out, rider_prefix(i), to_recorddict(rider))
+            return out
 
         contents: RecordDict | dict[int, RecordDict]
         if payload is None or isinstance(payload, Payload):
@@ -84,6 +113,13 @@ class FlowerFederation:
         else:
             contents = {nodes[s]: content(payload[s]) for s in asked}
         replies = ask(self.group, [nodes[s] for s in asked], str(query), content=contents, names=self.group.names)
+        for i, (rider_query, rider) in enumerate(riders):
+            answered = {self.group.name(n): unnest(r, rider_prefix(i)) for n, r in replies.items()}
+            # Kept only where answered: a refusal is marked, and a site that ignores carried
+            # requests (not this version's ClientApp) returns nothing under the prefix.
+            self._kept[(str(rider_query), _request_key(rider))] = {
+                site: from_recorddict(c) for site, c in answered.items() if len(c) and RIDER_ERROR not in c.config_records
+            }
         out = {self.group.name(n): from_recorddict(r) for n, r in replies.items()}
         missing = [s for s in asked if s not in out]
         if require_all and missing:
@@ -97,6 +133,17 @@ class FlowerFederation:
         if self.store is None:
             raise RuntimeError("training needs the run's store (checkpoints after every round)")
         return train_rounds(self.group, run, self.store, initial, done_rounds=done_rounds, history=history, common=self.common)
+
+
+def _request_key(payload: Payload | None) -> str:
+    """A request's identity: its config and the bytes of its arrays."""
+    payload = payload or Payload()
+    digest = hashlib.sha256(json.dumps(payload.config, sort_keys=True, default=str).encode())
+    for name in sorted(payload.arrays):
+        value = np.ascontiguousarray(payload.arrays[name])
+        digest.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]) -> dict[str, Any]:
@@ -134,9 +181,12 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
         "mixture-iterations": 0, "mixture-log-likelihoods": [], "mixture-start-kept": None, "harmony": {},
     })
     fed = FlowerFederation(group, run_config, store)
-    for phase in PHASES:
+    for i, phase in enumerate(PHASES):
         if phase.enabled(run):
             progress.phase_started(phase.name)
+            # Later phases' requests that this phase's message can carry (one message fewer each).
+            fed.carry([r for later in PHASES[i + 1:] if later.rides_with == phase.name and later.enabled(run)
+                       for r in later.early_requests(run)])
             phase.run(fed, run)
     assert run.training is not None
     names = {str(node): name for node, name in group.names.items()}

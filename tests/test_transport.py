@@ -183,3 +183,107 @@ def test_the_bundle_is_flowers_own_byte_for_byte(tmp_path: Path) -> None:
     staged = stage_app(app, tmp_path / "staged")
     assert build_fab_from_disk(staged) == flower
     assert (app / ".venv" / "lib" / "site" / "big.py").is_file()  # the app folder is only read
+
+
+# ----------------------------------------------------------------------------- carried requests
+
+
+class _RiderGrid(FakeGrid):
+    """Sites that answer a message's own query and then each carried request, as the
+    ClientApp does (``client/app.py``); ``refuse`` names carried queries they refuse."""
+
+    def __init__(self, online: set[int], refuse: frozenset[str] = frozenset()) -> None:
+        super().__init__(online)
+        self.refuse = refuse
+
+    def answer(self, message: Message) -> Message:
+        from fedspatial.records import RIDER_ERROR, RIDERS, nest, rider_prefix, unnest
+
+        request = from_recorddict(message.content)
+        reply = to_recorddict(Payload(metrics={"site": message.metadata.dst_node_id, "x": request.number("x", 0)}))
+        riders = message.content.config_records.get(RIDERS)
+        for i, query in enumerate(list(riders[RIDERS]) if riders is not None else []):
+            if query in self.refuse:
+                reply[rider_prefix(i) + RIDER_ERROR] = ConfigRecord({"reason": "no"})
+                continue
+            rider = from_recorddict(unnest(message.content, rider_prefix(i)))
+            nest(reply, rider_prefix(i), to_recorddict(Payload(
+                {"a": rider.arrays["a"] * message.metadata.dst_node_id, "b": np.arange(3)},
+                metrics={"early": 1.0})))
+        return Message(reply, reply_to=message)
+
+
+def _federation(grid: FakeGrid):
+    from fedspatial.server.federation import FlowerFederation
+
+    group = SiteGroup(grid, [1, 2], min_nodes=2)
+    group.names = {1: "site_a", 2: "site_b"}
+    return FlowerFederation(group, {})
+
+
+def test_a_carried_request_is_answered_with_the_message_before_it(flower_task_identity) -> None:
+    grid = _RiderGrid({1, 2})
+    fed = _federation(grid)
+    later = Payload({"a": np.ones(2)}, {"stage": "sums"})
+    fed.carry([("markers", later)])
+    fed.ask("finalize", Payload(config={"x": 3}))
+    assert len(grid.sent) == 2  # one message per site, carrying the request
+    replies = fed.ask("markers", Payload({"a": np.ones(2)}, {"stage": "sums"}), require_all=True)
+    assert len(grid.sent) == 2  # ... answered from what came back: no new message
+    assert list(replies) == ["site_a", "site_b"] and replies["site_b"].metrics == {"early": 1.0}
+    _same({"a": np.full(2, 2.0), "b": np.arange(3)}, replies["site_b"].arrays)
+    fed.ask("markers", later)  # kept replies serve one ask only
+    assert len(grid.sent) == 4
+
+
+def test_a_different_or_refused_carried_request_is_asked_again(flower_task_identity) -> None:
+    grid = _RiderGrid({1, 2}, refuse=frozenset({"calibration"}))
+    fed = _federation(grid)
+    fed.carry([("markers", Payload({"a": np.ones(2)})), ("calibration", Payload(config={"t": 1}))])
+    fed.ask("finalize")
+    fed.ask("markers", Payload({"a": np.zeros(2)}))  # not what was carried
+    fed.ask("calibration", Payload(config={"t": 1}))  # refused when carried
+    assert len(grid.sent) == 6
+    ignoring = FakeGrid({1, 2})  # sites that answer their own query only
+    fed = _federation(ignoring)
+    fed.carry([("markers", Payload({"a": np.ones(2)}))])
+    fed.ask("finalize")
+    fed.ask("markers", Payload({"a": np.ones(2)}))
+    assert len(ignoring.sent) == 4
+
+
+def test_a_site_answers_carried_requests_under_its_own_policy(monkeypatch) -> None:
+    """The ClientApp half: each carried request passes the site policy first (a refused one
+    is marked, not computed), then its phase answers it, after the message's own query."""
+    import fedspatial.client.app as client_app
+    from fedspatial.records import RIDER_ERROR, RIDERS, nest, rider_prefix, unnest
+    from fedspatial.shared.config import ExperimentConfig
+    from fedspatial.shared.privacy.policy import SitePolicy, refusal
+
+    answered: list[tuple[str, Payload]] = []
+
+    class Phase:
+        def answer(self, site, query, request):
+            answered.append((query, request))
+            return Payload({"sum": request.arrays["a"] * 2}, metrics={"num-examples": 5})
+
+    monkeypatch.setattr(client_app, "phase_for", lambda query: Phase())
+    cfg = ExperimentConfig.from_dict({})
+    strict = SitePolicy(allow_unnoised_releases=False)
+    assert refusal(strict, "markers", cfg, Payload()) is not None  # what the site below refuses
+    request = to_recorddict(Payload(config={"x": 1}))
+    request[RIDERS] = ConfigRecord({RIDERS: ["markers", "calibration"]})
+    for i in range(2):
+        nest(request, rider_prefix(i), to_recorddict(Payload({"a": np.arange(3.0)}, {"stage": "sums"})))
+    for policy, expected in ((None, ["markers", "calibration"]), (strict, [])):
+        answered.clear()
+        site = types.SimpleNamespace(name="site_a", cfg=cfg, private_roots=(), node=types.SimpleNamespace(policy=policy))
+        reply = to_recorddict(Payload(metrics={"own": 1.0}))
+        client_app._answer_riders(request, reply, site)
+        assert [q for q, _ in answered] == expected
+        for i in range(2):
+            carried = unnest(reply, rider_prefix(i))
+            if policy is None:
+                _same({"sum": np.arange(3.0) * 2}, from_recorddict(carried).arrays)
+            else:
+                assert "site policy" in str(carried.config_records[RIDER_ERROR]["reason"])

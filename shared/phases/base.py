@@ -236,10 +236,19 @@ class Phase(ABC):
 
     name: ClassVar[str]
     queries: ClassVar[tuple[str, ...]] = ()
+    rides_with: ClassVar[str] = ""
+    """An earlier phase whose one message may carry this phase's :meth:`early_requests`."""
 
     def enabled(self, run: Run) -> bool:
         """Whether this run needs the phase (e.g. PCA only with ``features.n-pcs``)."""
         return True
+
+    def early_requests(self, run: Run) -> list[tuple[str, Payload]]:
+        """Requests this phase will make that a site can answer as soon as the
+        :attr:`rides_with` phase's message is answered: the federation sends them with that
+        message and keeps the replies until this phase asks exactly the same (one message
+        fewer per request, the same answers). Called before the ``rides_with`` phase runs."""
+        return []
 
     @abstractmethod
     def run(self, fed: Federation, run: Run) -> None:

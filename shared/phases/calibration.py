@@ -57,6 +57,14 @@ LOCAL_DP_REFUSAL = (
 class CalibrationPhase(Phase):
     name = "calibration"
     queries = (Query.CALIBRATION,)
+    rides_with = "finalize"  # the loss needs only the final domains
+
+    @staticmethod
+    def loss_request() -> Payload:
+        return Payload(config={STAGE: CalibrationStage.LOSS, "temperatures": TEMPERATURES.tolist()})
+
+    def early_requests(self, run: Run) -> list[tuple[str, Payload]]:
+        return [] if run.cfg.privacy.local_dp else [(Query.CALIBRATION, self.loss_request())]
 
     def run(self, fed: Federation, run: Run) -> None:
         out: dict[str, Any] = {}
@@ -67,8 +75,7 @@ class CalibrationPhase(Phase):
             logger.warning("confidence recalibration skipped: %s", LOCAL_DP_REFUSAL)
             out["temperature-skipped"] = LOCAL_DP_REFUSAL
         else:
-            request = Payload(config={STAGE: CalibrationStage.LOSS, "temperatures": TEMPERATURES.tolist()})
-            replies = fed.ask(Query.CALIBRATION, request, require_all=True)  # a sum needs every site
+            replies = fed.ask(Query.CALIBRATION, self.loss_request(), require_all=True)  # a sum needs every site
             losses = [r.array("loss") for r in replies.values() if "loss" in r.arrays]
             if losses:  # none when the domains are a hard assignment (variance 0)
                 temperature = fit_temperature(np.sum(losses, axis=0))

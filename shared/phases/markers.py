@@ -56,6 +56,20 @@ LOCAL_DP_REFUSAL = (
 class MarkersPhase(Phase):
     name = "markers"
     queries = (Query.MARKERS,)
+    rides_with = "finalize"  # the sums need only the final domains
+
+    @staticmethod
+    def sums_request(run: Run) -> Payload:
+        assert run.domains is not None
+        return Payload(config={  # type: ignore[arg-type]
+            STAGE: MarkerStage.SUMS, "genes": marker_genes(run), "target-sum": run.cfg.features.target_sum,
+            "n-domains": len(run.domains.centroids),
+        })
+
+    def early_requests(self, run: Run) -> list[tuple[str, Payload]]:
+        if run.cfg.privacy.local_dp or run.domains is None:
+            return []
+        return [(Query.MARKERS, self.sums_request(run))]
 
     def enabled(self, run: Run) -> bool:
         return run.cfg.markers.marker_genes
@@ -66,12 +80,8 @@ class MarkersPhase(Phase):
             logger.warning("marker genes skipped: %s", LOCAL_DP_REFUSAL)
             run.report["markers"] = {"skipped": LOCAL_DP_REFUSAL}
             return
-        assert run.domains is not None
-        genes = marker_genes(run)
-        request = Payload(config={  # type: ignore[arg-type]
-            STAGE: MarkerStage.SUMS, "genes": genes, "target-sum": cfg.features.target_sum,
-            "n-domains": len(run.domains.centroids),
-        })
+        request = self.sums_request(run)
+        genes = request.strings("genes")
         replies = fed.ask(Query.MARKERS, request, require_all=True)  # a sum needs every site
         sums = merge_domain_gene_sums([DomainGeneSums.from_arrays(genes, r.arrays) for r in replies.values()])
         try:
