@@ -49,6 +49,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PRELOAD = "fedspatial.clientapp_preload"
+PRELOADS = {"clientapp": (PRELOAD, "FEDSPATIAL_CLIENTAPP_PRELOAD"),
+            "serverapp": ("fedspatial.serverapp_preload", "FEDSPATIAL_SERVERAPP_PRELOAD")}
+"""Per task type: the module the fork server imports, and where it leaves its outcome."""
 DEFAULT_POLL_INTERVAL = 0.2
 """Most seconds between two task requests to the local Runtime API (Flower's SuperExec: 1 s)."""
 FIRST_POLL = 0.02
@@ -63,14 +66,22 @@ LAUNCH_COMMAND = "from fedspatial.clientapp_executor import main; raise SystemEx
 """``python -c`` program that runs :func:`main` (see the module docstring for why not ``-m``)."""
 
 
-def _probe() -> None:
+def _probe(preload: str, status_env: str) -> None:
     """Runs in a forked process: exit 1 when the fork server's preload failed."""
-    from fedspatial.clientapp_preload import STATUS_ENV
-
-    status = os.environ.get(STATUS_ENV, "failed: the fork server did not import " + PRELOAD)
+    status = os.environ.get(status_env, "failed: the fork server did not import " + preload)
     if status != "ok" or "torch" not in sys.modules:
-        sys.stderr.write(f"fedspatial: the ClientApp's dependencies cannot be imported: {status}\n")
+        sys.stderr.write(f"fedspatial: the app's dependencies cannot be imported: {status}\n")
         sys.exit(1)
+
+
+SERVERAPP_PROGRAM = (
+    "import sys\n"
+    "from flwr.superlink.cli.flwr_serverapp import flwr_serverapp\n"
+    "sys.argv = {argv!r}\n"
+    "flwr_serverapp()\n"
+)
+"""A ServerApp task process's program: Flower's own ``flwr-serverapp`` entry point, forked warm
+(a string run by ``exec``: the process must not import fedspatial before Flower loads the bundle)."""
 
 
 @dataclass
@@ -89,10 +100,21 @@ class RunWorkerProcess:
 
 class WarmExecutor:
     """Acquire ClientApp tasks from a SuperNode and run them in warm, forked processes:
-    one per run, which answers the run's messages one after the other."""
+    one per run, which answers the run's messages one after the other.
+
+    With ``task_type="serverapp"`` it takes the ServerApp tasks of the center's SuperLink
+    instead (``fedspatial server``), one forked ``flwr-serverapp`` per run; ``root_certificates``
+    (a CA file) when that API speaks TLS."""
 
     def __init__(self, runtime_api_address: str, *, poll_interval: float = DEFAULT_POLL_INTERVAL,
-                 allowed: frozenset[str] | None = None, idle_timeout: float = RUN_WORKER_IDLE) -> None:
+                 allowed: frozenset[str] | None = None, idle_timeout: float = RUN_WORKER_IDLE,
+                 task_type: str = "clientapp", root_certificates: str | None = None) -> None:
+        if task_type not in PRELOADS:
+            raise ValueError(f"task_type must be one of {', '.join(PRELOADS)}, not {task_type!r}")
+        self.task_type = task_type
+        self.root_certificates = root_certificates
+        self.tasks: list[BaseProcess] = []
+        """One-off task processes (ServerApps)."""
         self.address = runtime_api_address
         self.poll_interval = poll_interval
         self.allowed = allowed
@@ -110,17 +132,20 @@ class WarmExecutor:
             from fedspatial.deployment.app_pinning import ALLOW_ENV
 
             os.environ[ALLOW_ENV] = ",".join(sorted(self.allowed))
-        self._ctx.set_forkserver_preload([PRELOAD])
+        preload, status_env = PRELOADS[self.task_type]
+        self._ctx.set_forkserver_preload([preload])
         multiprocessing.forkserver.ensure_running()
         # The fork server imports the preload before it serves the first request: the
         # probe waits for that, and reports an import error the fork server would swallow.
-        probe = self._ctx.Process(target=_probe, name="clientapp-preload-probe")
+        probe = self._ctx.Process(target=_probe, args=(preload, status_env), name=f"{self.task_type}-preload-probe")
         probe.start()
         probe.join()
         if probe.exitcode != 0:
+            app = "client" if self.task_type == "clientapp" else "server"
             raise RuntimeError(
-                "the ClientApp cannot be imported (see the error above): check this environment with "
-                "`python -c 'import fedspatial.client.app'`, or start with --clientapp-runner flower"
+                f"the {app} app cannot be imported (see the error above): check this environment with "
+                f"`python -c 'import fedspatial.{app}.app'`"
+                + (", or start with --clientapp-runner flower" if app == "client" else "")
             )
         return time.perf_counter() - start
 
@@ -135,10 +160,11 @@ class WarmExecutor:
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if token is not None:  # one task's own calls (a refusal)
             interceptors.append(RuntimeTokenHttpInterceptor(token))
+        ca = None if self.root_certificates is None else open(self.root_certificates, "rb").read()  # noqa: SIM115
         return RuntimeHttpClient.from_server_address(
             server_address=self.address,
-            insecure=True,
-            root_certificates=None,
+            insecure=ca is None,  # a SuperNode's Runtime API: plain HTTP on 127.0.0.1
+            root_certificates=ca,
             interceptors=interceptors,
             # Retries until the SuperNode's Runtime API answers (it may start after us).
             retry_invoker=make_simple_http_retry_invoker(),
@@ -189,6 +215,9 @@ class WarmExecutor:
         from fedspatial.run_worker import serve_run
 
         run = (int(task.run_id), str(task.fab_hash))
+        if self.task_type == "serverapp":
+            self._launch_serverapp(token, task)
+            return
         with self._lock:
             if self.stopping.is_set():
                 return  # acquired while stopping: Flower expires the task and replies with an error
@@ -207,12 +236,31 @@ class WarmExecutor:
             worker.token, worker.task_id = token, int(task.task_id)
         logger.debug("task %d: sent to the worker of run %d (pid %s)", task.task_id, task.run_id, worker.proc.pid)
 
+    def _launch_serverapp(self, token: str, task: Any) -> None:
+        argv = ["flwr-serverapp", "--runtime-api-address", self.address, "--token", token,
+                "--parent-pid", str(os.getpid())]
+        argv += ["--insecure"] if self.root_certificates is None else ["--root-certificates", self.root_certificates]
+        with self._lock:
+            if self.stopping.is_set():
+                return
+            proc = self._ctx.Process(target=exec, args=(SERVERAPP_PROGRAM.format(argv=argv),),
+                                     name=f"serverapp-run-{task.run_id}")
+            proc.start()
+            self.tasks.append(proc)
+        logger.info("run %d: ServerApp process %s started", task.run_id, proc.pid)
+
     def reap(self) -> int:
         """Collect finished tasks, drop workers that ended, retire idle ones; returns how
         many tasks ended."""
         ended, retire = 0, []
         with self._lock:
             now = time.monotonic()
+            for proc in [p for p in self.tasks if p.exitcode is not None]:
+                self.tasks.remove(proc)
+                proc.join()
+                ended += 1
+                if proc.exitcode != 0:  # Flower has logged the reason and failed the run
+                    logger.warning("%s (pid %s) exited with code %s", proc.name, proc.pid, proc.exitcode)
             for w in list(self.workers):
                 try:
                     while w.token is not None and w.conn.poll():
@@ -257,7 +305,8 @@ class WarmExecutor:
         from flwr.supercore.constant import TaskType
 
         client = self._client()
-        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        kind = TaskType.CLIENT_APP if self.task_type == "clientapp" else TaskType.SERVER_APP
+        request = AcquireTaskRequest(supported_task_types=[kind])
         delay = self.poll_interval
         try:
             while not self.stopping.is_set():
@@ -284,10 +333,17 @@ class WarmExecutor:
         with self._lock:
             workers = list(self.workers)
             self.workers.clear()
-        for w in workers:
-            if w.proc.exitcode is None and w.proc.pid is not None:
-                os.kill(w.proc.pid, signal.SIGTERM)
+            tasks = list(self.tasks)
+            self.tasks.clear()
+        for proc in [*(w.proc for w in workers), *tasks]:
+            if proc.exitcode is None and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
+        for proc in tasks:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join(5)
         for w in workers:
             w.proc.join(max(0.0, deadline - time.monotonic()))
             if w.proc.exitcode is None:
@@ -318,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allowed-apps", action="append", metavar="FILE",
                         help="allow-list files, as `fedspatial client --allowed-apps` (its own unit: "
                         "--clientapp-runner external)")
+    parser.add_argument("--task-type", choices=sorted(PRELOADS), default="clientapp",
+                        help="serverapp: the center's ServerApps (`fedspatial server`), from its SuperLink")
+    parser.add_argument("--root-certificates", metavar="CA_FILE", default=None,
+                        help="the CA of a TLS Runtime API (the center's SuperLink)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task request otherwise
@@ -335,9 +395,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         allowed = frozenset(listed or ())
         logger.info("app allow-list: only %d app bundle hash(es) run here", len(allowed))
-    else:
+    elif args.task_type == "clientapp":
         logger.warning("no app allow-list: any app the center submits runs here (--allowed-apps FILE)")
-    executor = WarmExecutor(args.runtime_api_address, poll_interval=args.poll_interval, allowed=allowed)
+    executor = WarmExecutor(args.runtime_api_address, poll_interval=args.poll_interval, allowed=allowed,
+                            task_type=args.task_type, root_certificates=args.root_certificates)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: executor.stop())
     if args.parent_pid is not None:
@@ -347,8 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         logger.error("%s", err)
         return 1
-    logger.info("ClientApp preloaded in %.1f s; taking tasks from the SuperNode at %s",
-                seconds, args.runtime_api_address)
+    if args.task_type == "clientapp":
+        logger.info("ClientApp preloaded in %.1f s; taking tasks from the SuperNode at %s",
+                    seconds, args.runtime_api_address)
+    else:
+        logger.info("ServerApp preloaded in %.1f s; taking the runs of the SuperLink at %s",
+                    seconds, args.runtime_api_address)
     # Polling runs in a thread: a request to a SuperNode that went away retries with
     # back-off, and must not keep a SIGTERM from stopping us.
     threading.Thread(target=executor.serve, daemon=True, name="acquire-tasks").start()

@@ -776,7 +776,9 @@ def test_two_round_run_completes(deployment: Deployment) -> None:
         assert annotated.obsm["X_fedspatial"].shape[1] == 8
         assert "fedspatial_domain" in annotated.obs
     assert not list((deployment.results / "t1").rglob("*.h5ad"))  # sections stay at the sites
-    # Each site answered the run's messages from one worker process, which loaded its data
+    # The run's ServerApp was forked by the center's warm executor, not started afresh ...
+    assert f"run {run_id}: ServerApp process" in deployment.log("server.log")
+    # ... and each site answered the run's messages from one worker process, which loaded its data
     # once (issue 17 item 4), not once per message as a fresh ClientApp process does.
     for site in SITES:
         log = deployment.log(f"client-{site}.log")

@@ -177,6 +177,8 @@ def superlink_command(opts: ServerOptions) -> list[str]:
         "--port", str(opts.serverappio_port),
         # The center runs the installed fedspatial; never pip/uv-install what a run asks for.
         "--disable-runtime-dependency-installation",
+        # The runs' ServerApps: fedspatial's warm executor (server_executor_command), not Flower's SuperExec.
+        "--isolation", "process",
     ]
     if opts.log_file is not None:
         log_file = opts.log_file.expanduser().resolve()
@@ -225,7 +227,25 @@ def run_server(opts: ServerOptions) -> int:
                 format_address(opts.host, opts.port), format_address(opts.control_host, opts.control_port),
                 format_address("127.0.0.1", opts.serverappio_port))
     explain = {k: v.format(database=opts.database) for k, v in SUPERLINK_EXIT_HELP.items()}
-    return run_child(cmd, explain=explain, what="flower-superlink", cwd=cwd)
+    executor = "the ServerApp executor"
+    return run_child(cmd, explain=explain, what="flower-superlink", cwd=cwd,
+                     helpers={executor: server_executor_command(opts)},
+                     helper_options={executor: {"cwd": cwd}} if cwd is not None else None)
+
+
+def server_executor_command(opts: ServerOptions) -> list[str]:
+    """The warm ServerApp executor next to ``flower-superlink --isolation process``: it
+    imports the ServerApp once, when the center starts, and forks each run's ServerApp
+    from there (Flower's own ``flwr-serverapp``; seconds of imports saved per run)."""
+    from fedspatial.clientapp_executor import LAUNCH_COMMAND
+
+    _, _, ca = opts.cert_paths()
+    return [
+        sys.executable, "-c", LAUNCH_COMMAND, "--task-type", "serverapp",
+        "--runtime-api-address", f"127.0.0.1:{opts.serverappio_port}",
+        "--root-certificates", str(ca.expanduser().resolve()),
+        "--parent-pid", str(os.getpid()),
+    ]
 
 
 # ----------------------------------------------------------------------------- a hospital

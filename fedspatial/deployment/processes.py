@@ -38,9 +38,8 @@ def flower_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    # Flower's SuperExec (the center's ServerApp launcher; a hospital's with
-    # --clientapp-runner flower) looks for new tasks every second by default: a second
-    # of delay per message, for a local HTTP request that costs nothing.
+    # Flower's SuperExec (a hospital's with --clientapp-runner flower) looks for new tasks
+    # every second by default: a second of delay per message, for a local HTTP request.
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     return env
 

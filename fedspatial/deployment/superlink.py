@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet, control = _split(args.fleet), _split(args.control)
     # Flower parses its own arguments from sys.argv (its --host/--port: the ServerAppIo listener).
     sys.argv = ["flower-superlink", *flower_args]
-    # Flower starts `flower-superexec` by name: this environment's first.
+    # Were Flower to start `flower-superexec` (isolation subprocess), by name: this environment's first.
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
     from flwr.supercore.http_logging import get_uvicorn_log_config
