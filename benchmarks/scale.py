@@ -63,6 +63,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -426,6 +427,8 @@ def markdown(figures: dict[str, Any]) -> str:
         lines += sites_markdown({**figures["sites_run"], "sites": figures["sites"]})
     if "poisoned" in figures:
         lines += poisoned_markdown(figures["poisoned"])
+    if "deploy" in figures:
+        lines += deploy_markdown(figures["deploy"])
     return "\n".join(lines)
 
 
@@ -468,7 +471,7 @@ def main() -> int:
     parser.add_argument("--work", default=str(HERE / ".work" / "scale"))
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 30, 100])
-    parser.add_argument("--only", choices=["cells", "sites", "poisoned"], default="",
+    parser.add_argument("--only", choices=["cells", "sites", "poisoned", "deploy"], default="",
                         help="run one section (default: all); the other sections' results are kept")
     parser.add_argument("--poison-rounds", type=int, default=30)
     parser.add_argument("--poison-seeds", type=int, nargs="+", default=[0, 1])
@@ -516,9 +519,55 @@ def main() -> int:
             "extra_rules": args.extra_rules, "config": "configs/demo.yaml"})}
         log.info("poisoned: clean %.3f, fedavg %.3f, robust %.3f (target met: %s)", section["clean"]["joint_ari"],
                  section["fedavg"]["joint_ari"], section["robust"]["joint_ari"], section["target_met"])
+    if args.only in ("", "deploy"):
+        figures["deploy"] = {**deploy_vs_simulation(work, args.seed), **provenance({
+            "command": command, "config": "deploy/run.yaml", "overrides": {"training.num-rounds": 2}})}
     write_json_atomic(out / "scale.json", figures)
     write_text_atomic(out / "scale.md", markdown(figures))
     return 0
+
+
+def deploy_vs_simulation(work: Path, seed: int) -> dict[str, Any]:
+    """The ``deploy`` section: the demo data, ``deploy/run.yaml`` with 2 rounds, simulated and then
+    deployed on 127.0.0.1 (benchmarks/deploy.py's two runs; details in deploy.md)."""
+    from deploy import DATASETS, run_deployed, run_simulated  # benchmarks/deploy.py
+    from fedspatial.shared.data.synthetic import write_synthetic_federation
+
+    folder = work / "deploy"
+    if folder.exists():
+        shutil.rmtree(folder)
+    manifest = write_synthetic_federation(folder / "data", dataclasses.replace(DATASETS["demo"], seed=seed))
+    sim = run_simulated(folder / "sim", manifest, "scale-sim")
+    dep = run_deployed(folder / "deploy", manifest, "scale-deploy")
+    ratio = dep["wall_s"] / sim["wall_s"]
+    log.info("deploy: simulated %.1f s, deployed %.1f s (%.2fx; target 1.5x)", sim["wall_s"], dep["wall_s"], ratio)
+    return {"simulated_s": round(sim["wall_s"], 2), "deployed_s": round(dep["wall_s"], 2),
+            "messages_per_site": dep["messages_per_site"], "ratio": round(ratio, 3), "target_met": ratio <= 1.5,
+            "messages": dep["messages"], "serverapp_s": {"simulated": round(sim["serverapp_s"], 2),
+                                                         "deployed": round(dep["serverapp_s"], 2)},
+            "joint_ari": {"simulated": sim["joint_ari"], "deployed": dep["joint_ari"]},
+            "load_avg_15min_after": round(os.getloadavg()[2], 2)}
+
+
+def deploy_markdown(d: dict[str, Any]) -> list[str]:
+    return [
+        "## Deployment vs simulation: the demo data, 2 rounds",
+        "",
+        f"`{d['config']['command']}` at {d['commit'][:12]}: `{d['config']['config']}` with 2 rounds, the run users "
+        "submit to a deployment, simulated (`fedspatial simulate`'s code path, Ray) and deployed (`fedspatial "
+        "server`, three `fedspatial client`s and `fedspatial submit`, all on 127.0.0.1; how each is started: "
+        "deploy.md), one after the other on this machine.",
+        "",
+        "| simulated s | deployed s | ratio | target | messages per site |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {d['simulated_s']:.1f} | {d['deployed_s']:.1f} | {d['ratio']:.2f}x | <= 1.5x: "
+        f"{'met' if d['target_met'] else '**missed**'} | {d['messages_per_site']} |",
+        "",
+        "Messages per site by type: " + ", ".join(f"{k} {v}" for k, v in d["messages"].items()) + ". "
+        f"ServerApp time: simulated {d['serverapp_s']['simulated']:.1f} s, deployed {d['serverapp_s']['deployed']:.1f} s; "
+        f"15-minute load average after: {d['load_avg_15min_after']}.",
+        "",
+    ]
 
 
 def run_cells(args: argparse.Namespace, work: Path) -> dict[str, Any]:
