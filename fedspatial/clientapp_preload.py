@@ -17,17 +17,11 @@ check behind the executor's, which refuses such a task before forking.
 from __future__ import annotations
 
 import os
-import sys
-import traceback
 
 from fedspatial.logstream import log_to_stderr
+from fedspatial.preload import preload
 
 STATUS_ENV = "FEDSPATIAL_CLIENTAPP_PRELOAD"
-
-
-def _forget_fedspatial() -> None:
-    for name in [m for m in sys.modules if m == "fedspatial" or m.startswith("fedspatial.")]:
-        del sys.modules[name]
 
 
 def _pin_apps() -> None:
@@ -40,25 +34,18 @@ def _pin_apps() -> None:
             run_clientapp.install_from_fab, frozenset(allowed.split(",")))  # type: ignore[attr-defined]
 
 
-def _preload() -> None:
-    try:
-        import flwr.cli.install  # what a task process runs around the ClientApp
-        import flwr.supernode.runtime.run_clientapp  # noqa: F401
+def _imports() -> None:
+    import flwr.cli.install  # what a task process runs around the ClientApp
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
 
-        import fedspatial.client.app  # the ClientApp and everything it imports
-        import fedspatial.shared.models._pyg  # noqa: F401  # torch-geometric (query.embed)
-        from fedspatial.shared.plots import _pyplot
+    import fedspatial.client.app  # the ClientApp and everything it imports
+    import fedspatial.shared.models._pyg  # noqa: F401  # torch-geometric (query.embed)
+    from fedspatial.shared.plots import _pyplot
 
-        _pyplot()  # matplotlib (query.finalize)
-        _pin_apps()
-    except Exception:  # reported by the executor's probe; the fork server would swallow it
-        os.environ[STATUS_ENV] = "failed: " + traceback.format_exc()
-    else:
-        os.environ[STATUS_ENV] = "ok"
-    os.register_at_fork(after_in_child=_forget_fedspatial)
-    # fedspatial's INFO lines in the hospital's log, once each: the logger tree outlives
-    # the modules.
-    log_to_stderr()
+    _pyplot()  # matplotlib (query.finalize)
+    _pin_apps()
 
 
-_preload()
+preload(STATUS_ENV, _imports)
+# fedspatial's INFO lines in the hospital's log, once each: the logger tree outlives the modules.
+log_to_stderr()

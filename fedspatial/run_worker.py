@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -38,11 +37,6 @@ The SuperNode hands a message to its executor before all of the message's parts 
 arrived from the SuperLink; ``flwr-clientapp`` waits 1 s, then 2 s, ... for a missing
 part, which on a small message was most of the message's time."""
 PULL_RETRY_CAP = 1.0
-
-
-def _forget_fedspatial() -> None:
-    for name in [m for m in sys.modules if m == "fedspatial" or m.startswith("fedspatial.")]:
-        del sys.modules[name]
 
 
 def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
@@ -166,7 +160,9 @@ class RunWorker:
 def serve_run(conn: Connection, address: str, parent_pid: int) -> None:
     """A worker's life: receive task tokens on ``conn``, answer ``(token, completed)``;
     ends at ``None``, when the executor closes its end, or when it is gone."""
-    _forget_fedspatial()
+    from fedspatial.preload import forget_fedspatial
+
+    forget_fedspatial()
     from flwr.supercore.app_utils import start_parent_process_monitor
 
     start_parent_process_monitor(parent_pid)  # SIGINT to us when the executor is gone

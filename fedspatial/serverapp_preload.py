@@ -9,31 +9,18 @@ own ``flwr-serverapp`` does. The outcome is left in :data:`STATUS_ENV`.
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
+from fedspatial.preload import preload
 
 STATUS_ENV = "FEDSPATIAL_SERVERAPP_PRELOAD"
 
 
-def _forget_fedspatial() -> None:
-    for name in [m for m in sys.modules if m == "fedspatial" or m.startswith("fedspatial.")]:
-        del sys.modules[name]
+def _imports() -> None:
+    import flwr.superlink.cli.flwr_serverapp  # noqa: F401  # the process's own entry point
+
+    import fedspatial.server.app  # noqa: F401  # the ServerApp and everything it imports
+    from fedspatial.shared.plots import _pyplot
+
+    _pyplot()  # matplotlib (the run's plots)
 
 
-def _preload() -> None:
-    try:
-        import flwr.superlink.cli.flwr_serverapp  # noqa: F401  # the process's own entry point
-
-        import fedspatial.server.app  # noqa: F401  # the ServerApp and everything it imports
-        from fedspatial.shared.plots import _pyplot
-
-        _pyplot()  # matplotlib (the run's plots)
-    except Exception:  # reported by the executor's probe; the fork server would swallow it
-        os.environ[STATUS_ENV] = "failed: " + traceback.format_exc()
-    else:
-        os.environ[STATUS_ENV] = "ok"
-    os.register_at_fork(after_in_child=_forget_fedspatial)
-
-
-_preload()
+preload(STATUS_ENV, _imports)

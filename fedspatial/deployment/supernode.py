@@ -25,6 +25,7 @@ from fedspatial.deployment.pacing import (
     pace,
     quick_object_pulls,
 )
+from fedspatial.logstream import log_to_stderr
 
 logger = logging.getLogger("fedspatial.deployment.supernode")  # not __main__ when run with -m
 
@@ -63,8 +64,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("fedspatial").addHandler(handler)
-    logging.getLogger("fedspatial").setLevel(logging.INFO)
+    log_to_stderr()  # our lines only: no root handler, Flower prints its own
     sys.exit(main())
