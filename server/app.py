@@ -41,12 +41,12 @@ def log_to_run_stream() -> None:
 
 def quick_reply_pulls() -> None:
     """A deployed ServerApp pulls the parts of a site's reply without Flower's 1 s pauses
-    (:func:`fedspatial.deployment.pacing.quick_object_pulls`); simulation has no such
+    (:func:`fedspatial.pacing.quick_object_pulls`); simulation has no such
     pauses (its grid hands messages over in memory)."""
     import flwr
     import flwr.superlink.grid.http_grid as http_grid
 
-    from fedspatial.deployment.pacing import quick_object_pulls
+    from fedspatial.pacing import quick_object_pulls
 
     quick_object_pulls(http_grid, version=flwr.__version__)
 

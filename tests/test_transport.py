@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.cli.build import build_fab_from_disk
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedspatial.deployment import pacing
+from fedspatial import pacing
 from fedspatial.deployment.app_bundle import build_bundle, bundle_files, stage_app
 from fedspatial.records import (
     LAYOUT,

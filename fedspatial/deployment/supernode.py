@@ -1,5 +1,5 @@
 """A hospital's SuperNode: Flower's ``flower-supernode`` with its fixed waits shortened
-(:mod:`fedspatial.deployment.pacing`): it asks for the next message moments after a
+(:mod:`fedspatial.pacing`): it asks for the next message moments after a
 reply instead of up to 3 s later, and pulls a message's parts without 1 s pauses.
 
 Flower's own SuperNode (its argument parsing, connection, state and Runtime API,
@@ -16,7 +16,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fedspatial.deployment.pacing import (
+from fedspatial.logstream import log_to_stderr
+from fedspatial.pacing import (
     FIRST_PAUSE,
     FLOWER_IDLE_PAUSE,
     GROWTH,
@@ -25,7 +26,6 @@ from fedspatial.deployment.pacing import (
     pace,
     quick_object_pulls,
 )
-from fedspatial.logstream import log_to_stderr
 
 logger = logging.getLogger("fedspatial.deployment.supernode")  # not __main__ when run with -m
 
