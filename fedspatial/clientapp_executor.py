@@ -1,4 +1,5 @@
-"""A warm ClientApp executor for a hospital's SuperNode (``fedspatial client``).
+"""Warm executors: a hospital's ClientApps (``fedspatial client``) and the center's
+ServerApps (``fedspatial server``, ``--task-type serverapp``).
 
 Flower 1.42 runs every message a SuperNode receives in a fresh ``flwr-clientapp``
 process, started by its SuperExec, and has no option to keep one process per run
@@ -7,12 +8,15 @@ ClientApp's dependencies (torch, flwr, anndata, scikit-learn) takes seconds, pai
 every site for every message: for a deployed run that was most of its wall time.
 
 This executor takes the SuperExec's place (``flower-supernode --isolation process``):
-it asks the SuperNode's Runtime API for ClientApp tasks, as Flower's SuperExec does,
-but starts each task by forking a process that has those dependencies imported already
-(a :mod:`multiprocessing` fork server that imported :mod:`fedspatial.clientapp_preload`).
-The forked process runs Flower's own ``run_clientapp`` unchanged: one message per
-process, the ClientApp loaded from the run's Flower App bundle, state kept by the
-SuperNode in the node's Context, exactly as ``flwr-clientapp``; only the start-up is saved.
+it asks the SuperNode's Runtime API for ClientApp tasks, as Flower's SuperExec does, and
+hands each to its run's worker (:mod:`fedspatial.run_worker`), forked once per run from
+a :mod:`multiprocessing` fork server that imported :mod:`fedspatial.clientapp_preload`.
+The worker answers the run's messages one after the other with Flower's own functions:
+the ClientApp loaded from the run's Flower App bundle, the node's state kept by the
+SuperNode in its Context, as ``flwr-clientapp``; the start-up and the site's loading are
+paid once per run, not per message. At the center the same executor forks each run's
+Flower ``flwr-serverapp`` from a fork server that imported the ServerApp
+(:mod:`fedspatial.serverapp_preload`).
 
     python -c "from fedspatial.clientapp_executor import main; main()" \
         --runtime-api-address 127.0.0.1:9094
@@ -44,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -160,7 +165,7 @@ class WarmExecutor:
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if token is not None:  # one task's own calls (a refusal)
             interceptors.append(RuntimeTokenHttpInterceptor(token))
-        ca = None if self.root_certificates is None else open(self.root_certificates, "rb").read()  # noqa: SIM115
+        ca = None if self.root_certificates is None else Path(self.root_certificates).read_bytes()
         return RuntimeHttpClient.from_server_address(
             server_address=self.address,
             insecure=ca is None,  # a SuperNode's Runtime API: plain HTTP on 127.0.0.1
