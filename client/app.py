@@ -48,6 +48,7 @@ from fedspatial.shared.privacy.policy import (
     withhold_small_tables,
 )
 from fedspatial.shared.protocol.names import Query, message_type
+from fedspatial.shared.protocol.payload import Payload
 from fedspatial.shared.protocol.site_paths import strip_site_paths
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,25 @@ def _warn_no_policy() -> None:
         logger.warning("%s", NO_POLICY_WARNING)
 
 
+def _policy_refusal(site: SiteRuntime, query: str, request: Payload) -> str | None:
+    """Why the site's own policy refuses ``query`` as asked, or None (no policy: any)."""
+    policy = site.node.policy
+    why = None if policy is None else refusal(policy, query, site.cfg, request)
+    return None if why is None else f"site {site.name} refuses {message_type(query)} by its site policy: {why}"
+
+
+def _released(site: SiteRuntime, query: str, reply: Payload) -> Payload:
+    """What of ``reply`` may leave the site: tables with a cell below the policy's
+    min-cell-count withheld (logged), the hospital's own paths stripped."""
+    policy = site.node.policy
+    if policy is not None:
+        reply, withheld = withhold_small_tables(policy, reply)
+        if withheld:
+            logger.warning("SITE POLICY: %s withheld %s from its %s reply (a cell below min-cell-count=%d)",
+                           site.name, ", ".join(withheld), message_type(query), policy.min_cell_count)
+    return strip_site_paths(reply, site.private_roots)
+
+
 def _answer_riders(request: RecordDict, reply: RecordDict, site: SiteRuntime) -> None:
     """Answer the later requests a message carries (server.federation ``carry``), in
     order, after its own query and with the same checks: the site policy first, the
@@ -130,17 +150,15 @@ def _answer_riders(request: RecordDict, reply: RecordDict, site: SiteRuntime) ->
         prefix = rider_prefix(i)
         try:
             rider = from_recorddict(unnest(request, prefix))
-            why = None if site.node.policy is None else refusal(site.node.policy, str(query), site.cfg, rider)
+            why = _policy_refusal(site, str(query), rider)
             if why is not None:
-                raise PermissionError(f"site {site.name} refuses {message_type(str(query))} by its site policy: {why}")
-            answer = phase_for(str(query)).answer(site, str(query), rider)
-            if site.node.policy is not None:
-                answer, _ = withhold_small_tables(site.node.policy, answer)
+                raise PermissionError(why)
+            answer = _released(site, str(query), phase_for(str(query)).answer(site, str(query), rider))
         except Exception as err:  # asked again on its own, where it fails loudly
             logger.warning("%s: %s (carried request; the server asks it again)", message_type(str(query)), err)
             reply[prefix + RIDER_ERROR] = ConfigRecord({"reason": str(err)})
             continue
-        nest(reply, prefix, to_recorddict(strip_site_paths(answer, site.private_roots)))
+        nest(reply, prefix, to_recorddict(answer))
 
 
 def _handler(query: str) -> Callable[[Message, Context], Message]:
@@ -154,29 +172,23 @@ def _handler(query: str) -> Callable[[Message, Context], Message]:
             who = context.node_config.get("site-name", context.node_config.get("partition-id", "?"))
             return _refuse(msg, f"site {who} refuses {message_type(query)}: {err}")
         request = from_recorddict(msg.content)
-        policy = site.node.policy
-        if policy is None:
+        if site.node.policy is None:
             _warn_no_policy()
-        else:  # the site's own limits, whatever the server asks; checked before anything is computed
-            why = refusal(policy, query, site.cfg, request)
-            if why is not None:
-                return _refuse(msg, f"site {site.name} refuses {message_type(query)} by its site policy: {why}")
+        # The site's own limits, whatever the server asks; checked before anything is computed.
+        why = _policy_refusal(site, query, request)
+        if why is not None:
+            return _refuse(msg, why)
         try:
             reply = phase.answer(site, query, request)
         except PrivacyBudgetExceeded as err:
             # A refusal, not a crash: the server logs the reason and stops or goes on without us.
             logger.warning("%s", err)
             return Message(Error(code=PRIVACY_BUDGET_ERROR, reason=str(err)), reply_to=msg)
-        if policy is not None:
-            reply, withheld = withhold_small_tables(policy, reply)
-            if withheld:
-                logger.warning("SITE POLICY: %s withheld %s from its %s reply (a cell below min-cell-count=%d)",
-                               site.name, ", ".join(withheld), message_type(query), policy.min_cell_count)
         # Whatever a phase reports, the hospital's own paths stay here (relative ones go).
         # A model update travels packed only when the server packed the model it sent: Flower's
         # client-side DP and SecAgg+ mods read the arrays one by one (fedspatial.records).
         pack = query not in (Query.TRAIN, Query.EVALUATE) or is_packed(msg.content)
-        content = to_recorddict(strip_site_paths(reply, site.private_roots), pack=pack)
+        content = to_recorddict(_released(site, query, reply), pack=pack)
         _answer_riders(msg.content, content, site)
         return Message(content=content, reply_to=msg)
 

@@ -76,6 +76,20 @@ def unpack_arrays(packed: np.ndarray, layout: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _put_packed(content: RecordDict, arrays: Mapping[str, np.ndarray], prefix: str = "") -> None:
+    packed, layout = pack_arrays(arrays)
+    content[prefix + ARRAYS] = ArrayRecord({PACKED: Array(packed)})
+    content[prefix + LAYOUT] = ConfigRecord({LAYOUT: layout})
+
+
+def _unpacked(content: RecordDict, prefix: str = "") -> dict[str, np.ndarray] | None:
+    """The arrays packed under ``prefix``, or None when none are."""
+    record, layout = content.array_records.get(prefix + ARRAYS), content.config_records.get(prefix + LAYOUT)
+    if record is None or layout is None or set(record.keys()) != {PACKED}:
+        return None
+    return unpack_arrays(record[PACKED].numpy(), str(layout[LAYOUT]))
+
+
 def to_recorddict(payload: Payload, *, pack: bool = True) -> RecordDict:
     """``payload`` as a message's content; empty parts are left out (a ConfigRecord
     cannot hold an empty list, so such entries are dropped: readers treat a missing
@@ -83,9 +97,7 @@ def to_recorddict(payload: Payload, *, pack: bool = True) -> RecordDict:
     for the model arrays a Flower strategy aggregates."""
     content = RecordDict()
     if payload.arrays and pack and len(payload.arrays) > 1:
-        packed, layout = pack_arrays(payload.arrays)
-        content[ARRAYS] = ArrayRecord({PACKED: Array(packed)})
-        content[LAYOUT] = ConfigRecord({LAYOUT: layout})
+        _put_packed(content, payload.arrays)
     elif payload.arrays:
         content[ARRAYS] = arrays_record(payload.arrays)
     config = {k: v for k, v in payload.config.items() if not (isinstance(v, list) and not v)}
@@ -97,9 +109,9 @@ def to_recorddict(payload: Payload, *, pack: bool = True) -> RecordDict:
 
 def from_recorddict(content: RecordDict) -> Payload:
     """Inverse of :func:`to_recorddict` (records under other names are ignored)."""
-    arrays = record_arrays(content.array_records[ARRAYS]) if ARRAYS in content.array_records else {}
-    if LAYOUT in content.config_records and set(arrays) == {PACKED}:
-        arrays = unpack_arrays(arrays[PACKED], str(content.config_records[LAYOUT][LAYOUT]))
+    arrays = _unpacked(content)
+    if arrays is None:
+        arrays = record_arrays(content.array_records[ARRAYS]) if ARRAYS in content.array_records else {}
     config: dict[str, ConfigValue] = dict(content.config_records[CONFIG]) if CONFIG in content.config_records else {}  # type: ignore[arg-type]
     metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
     return Payload(arrays, config, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
@@ -111,9 +123,7 @@ def pack_content(content: RecordDict) -> bool:
     record = content.array_records.get(ARRAYS)
     if record is None or len(record) < 2 or LAYOUT in content.config_records:
         return False
-    packed, layout = pack_arrays(record_arrays(record))
-    content[ARRAYS] = ArrayRecord({PACKED: Array(packed)})
-    content[LAYOUT] = ConfigRecord({LAYOUT: layout})
+    _put_packed(content, record_arrays(record))
     return True
 
 
@@ -122,12 +132,10 @@ def unpack_content(content: RecordDict) -> None:
     payload itself and for every payload :func:`nest`-ed in it."""
     for name in [n for n in content.config_records if n == LAYOUT or n.endswith("." + LAYOUT)]:
         prefix = name[: -len(LAYOUT)]
-        record = content.array_records.get(prefix + ARRAYS)
-        if record is None or set(record.keys()) != {PACKED}:
-            continue
-        arrays = unpack_arrays(record[PACKED].numpy(), str(content.config_records[name][LAYOUT]))
-        content[prefix + ARRAYS] = arrays_record(arrays)
-        del content[name]
+        arrays = _unpacked(content, prefix)
+        if arrays is not None:
+            content[prefix + ARRAYS] = arrays_record(arrays)
+            del content[name]
 
 
 def is_packed(content: RecordDict) -> bool:
