@@ -68,6 +68,7 @@ def prepare_graph_data(
     scale: str = "section",
     batch_of: Mapping[str, int] | None = None,
     inputs: Callable[[SiteSection], np.ndarray] | None = None,
+    centres: Mapping[str, np.ndarray] | None = None,
 ) -> GraphData:
     """Standardized features and per-section neighbourhoods, sections concatenated.
 
@@ -79,12 +80,17 @@ def prepare_graph_data(
     for a batch-aware decoder (None: no batch codes). ``inputs``, when given, computes a
     section's rows instead (e.g. sections mapped from a small panel, see
     :mod:`fedspatial.shared.algorithms.panels`).
+
+    ``centres`` (section key -> ``(len(space.selected),)``), with ``scale="section"``:
+    centre each section by the given (released) mean instead of its own cells' and
+    scale by the federation's std (local DP; see :func:`section_features`).
     """
     xs, nbrs, ranges = [], [], []
     offset = 0
     width = None
     for section in sections:
-        x = section_features(section, space, scale=scale) if inputs is None else inputs(section)
+        centre = None if centres is None else centres[section.key]
+        x = section_features(section, space, scale=scale, centre=centre) if inputs is None else inputs(section)
         coords = np.asarray(section.adata.obsm[spatial_key], dtype=np.float64)[:, :2]
         nbr = section_neighbors(
             coords,
@@ -113,8 +119,22 @@ def prepare_graph_data(
     )
 
 
-def section_features(section: SiteSection, space: FeatureSpace, *, scale: str = "section") -> np.ndarray:
-    """A section's standardized features in ``space`` (``scale`` as in :func:`prepare_graph_data`)."""
+def section_features(
+    section: SiteSection, space: FeatureSpace, *, scale: str = "section", centre: np.ndarray | None = None
+) -> np.ndarray:
+    """A section's standardized features in ``space`` (``scale`` as in :func:`prepare_graph_data`).
+
+    Without ``centre``, ``"section"`` re-centres and re-scales the section by its own
+    cells' mean and std: removing one cell changes every row. With ``centre`` (a
+    released section mean over ``space.selected``, local DP) the rows are
+    ``clip((x - centre) / space.std)``, ``x`` the cell's (clipped, when the space says so)
+    log-normalized values: each row depends on its own cell's counts and released
+    statistics only. Returns ``float32 (n_obs, len(space.selected))``.
+    """
+    if centre is not None:
+        if scale != "section":
+            raise ValueError("a section centre applies to scale='section' only")
+        return transform(section.adata, space, mean=centre)
     x = transform(section.adata, space)
     return _standardize(x, space.max_value) if scale == "section" else x
 

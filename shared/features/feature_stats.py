@@ -5,6 +5,12 @@ A site computes :class:`FeatureStats` (sums over its cells of the ``normalize_to
 values, of their ``log1p`` and of their squares, and detection counts) with
 :func:`compute_feature_stats`; the server sums them with :func:`merge_feature_stats`.
 :func:`mean_var` turns sums into scanpy's mean and unbiased variance.
+
+A private release (:mod:`fedspatial.shared.privacy.feature_release`) sends
+:class:`ClippedStats` instead: sums of each cell's log-normalized vector after
+:func:`clip_cells` bounded its contribution, and of its square, with the variance of
+the noise added to them; :func:`clipped_moments` turns them into means, variances and
+the variance floor.
 """
 
 from __future__ import annotations
@@ -28,10 +34,16 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = [
+    "CLIPPED_FIELDS",
     "STAT_FIELDS",
+    "ClippedStats",
     "FeatureStats",
+    "clip_cells",
+    "clipped_moments",
+    "compute_clipped_stats",
     "compute_feature_stats",
     "mean_var",
+    "merge_clipped_stats",
     "merge_feature_stats",
     "to_numpy",
 ]
@@ -39,6 +51,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STAT_FIELDS = ("sum_norm", "sumsq_norm", "sum_log", "sumsq_log", "n_detected")
+CLIPPED_FIELDS = ("sum_clipped", "sumsq_clipped")
 
 
 @dataclass
@@ -229,3 +242,182 @@ def mean_var(total: np.ndarray, total_sq: np.ndarray, n: int) -> tuple[np.ndarra
         var *= n / (n - 1)
     # cancellation can leave tiny negatives for constant features
     return mean, np.maximum(var, 0.0)
+
+
+# --------------------------------------------------------------------- clipped aggregates
+@dataclass
+class ClippedStats:
+    """Per-feature sums of the clipped log-normalized values (a private release's content).
+
+    Attributes
+    ----------
+    features
+        Feature names, the order of every array.
+    n_cells
+        Number of cells summed (public).
+    sum_clipped, sumsq_clipped
+        ``float64 (F,)``: sums over cells of :func:`clip_cells` of ``log1p(normalize_total)``
+        and of its square (noised when released).
+    clip_norm, clip_square
+        The bounds :func:`clip_cells` applied: L2 norm of a cell's vector, and of its square.
+    noise_var_sum, noise_var_sumsq
+        Variance of the Gaussian noise on each entry of ``sum_clipped`` / ``sumsq_clipped``
+        (0 for exact sums); the server derives its floors and thresholds from them.
+    """
+
+    features: list[str]
+    n_cells: int
+    sum_clipped: np.ndarray
+    sumsq_clipped: np.ndarray
+    clip_norm: float
+    clip_square: float
+    noise_var_sum: float = 0.0
+    noise_var_sumsq: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.features = [str(f) for f in self.features]
+        if isinstance(self.n_cells, bool) or int(self.n_cells) != self.n_cells or self.n_cells < 0:
+            raise ValueError(f"n_cells must be a non-negative integer; got {self.n_cells!r}.")
+        self.n_cells = int(self.n_cells)
+        for name in CLIPPED_FIELDS:
+            arr = np.asarray(getattr(self, name), dtype=np.float64).reshape(-1)
+            if arr.shape != (len(self.features),):
+                raise ValueError(f"ClippedStats.{name} has {arr.size} entries for {len(self.features)} features.")
+            setattr(self, name, arr)
+        self.clip_norm, self.clip_square = float(self.clip_norm), float(self.clip_square)
+        if not (self.clip_norm > 0 and self.clip_square > 0):
+            raise ValueError(f"clip bounds must be positive; got {self.clip_norm!r}, {self.clip_square!r}.")
+        self.noise_var_sum, self.noise_var_sumsq = float(self.noise_var_sum), float(self.noise_var_sumsq)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The two ``float64 (F,)`` arrays, keyed by field name."""
+        return {name: getattr(self, name).copy() for name in CLIPPED_FIELDS}
+
+
+def clip_cells(
+    x: np.ndarray | sparse.csr_matrix, clip_norm: float, clip_square: float
+) -> np.ndarray | sparse.csr_matrix:
+    """Each cell's (row's) values scaled down so that their L2 norm is at most
+    ``clip_norm`` and the L2 norm of their element-wise square at most ``clip_square``.
+
+    One factor per cell, ``s = min(1, clip_norm / ||x||, sqrt(clip_square / ||x * x||))``
+    (a hair below it where it binds, so that rounding never lifts a norm above its bound).
+    A row's result depends on that row alone (no sum runs across rows), so removing a
+    cell leaves every other row bit-identical.
+
+    Parameters
+    ----------
+    x
+        ``float64 (n, F)``: ``log1p(normalize_total)`` values, dense or CSR.
+    clip_norm, clip_square
+        The two bounds (positive).
+
+    Returns
+    -------
+    numpy.ndarray or scipy.sparse.csr_matrix
+        ``float64 (n, F)``, the same kind as ``x``.
+    """
+    if isinstance(x, sparse.csr_matrix):
+        data = np.asarray(x.data, dtype=np.float64)
+        rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+        squares = data * data
+        # bincount adds each row's entries in order: a row's total ignores the other rows
+        scale = _clip_scale(
+            np.bincount(rows, weights=squares, minlength=x.shape[0]),
+            np.bincount(rows, weights=squares * squares, minlength=x.shape[0]),
+            clip_norm,
+            clip_square,
+        )
+        return sparse.csr_matrix((data * scale[rows], x.indices.copy(), x.indptr.copy()), shape=x.shape)
+    dense = np.asarray(x, dtype=np.float64)
+    squares = dense * dense
+    scale = _clip_scale(squares.sum(axis=1), (squares * squares).sum(axis=1), clip_norm, clip_square)
+    return dense * scale[:, None]
+
+
+def _clip_scale(norm_sq: np.ndarray, quartic: np.ndarray, clip_norm: float, clip_square: float) -> np.ndarray:
+    """``(n,)`` factors of :func:`clip_cells` from each row's sum of squares and of fourth powers."""
+    with np.errstate(divide="ignore"):
+        bound = np.minimum(clip_norm / np.sqrt(norm_sq), np.sqrt(clip_square / np.sqrt(quartic)))
+    return np.where(bound < 1.0, bound * (1.0 - 1e-12), 1.0)
+
+
+def compute_clipped_stats(
+    adatas: Sequence[AnnData] | AnnData,
+    features: Sequence[str],
+    *,
+    target_sum: float,
+    clip_norm: float,
+    clip_square: float,
+    feature_key: str | None = None,
+    layer: str | None = None,
+) -> ClippedStats:
+    """Exact :class:`ClippedStats` of some sections (restricted to ``features`` first, as
+    :func:`compute_feature_stats`; then ``normalize_total``, ``log1p`` and :func:`clip_cells`)."""
+    from anndata import AnnData
+
+    target = check_target_sum(target_sum)
+    feats = check_features(features)
+    sections = [adatas] if isinstance(adatas, AnnData) else list(adatas)
+    total, total_sq = np.zeros(len(feats)), np.zeros(len(feats))
+    n_cells = 0
+    for adata in sections:
+        n_cells += adata.n_obs
+        for _, x in count_blocks(adata, feats, feature_key, layer):
+            clipped = clip_cells(log1p_matrix(normalize_total_f64(x, target)), clip_norm, clip_square)
+            if isinstance(clipped, sparse.csr_matrix):
+                total += np.bincount(clipped.indices, weights=clipped.data, minlength=len(feats))
+                total_sq += np.bincount(clipped.indices, weights=clipped.data**2, minlength=len(feats))
+            else:
+                total += clipped.sum(axis=0)
+                total_sq += (clipped**2).sum(axis=0)
+    return ClippedStats(feats, n_cells, total, total_sq, clip_norm, clip_square)
+
+
+def merge_clipped_stats(stats: Sequence[ClippedStats]) -> ClippedStats:
+    """Sum several sites' :class:`ClippedStats` (independent noise: the variances add)."""
+    stats = list(stats)
+    if not stats:
+        raise ValueError("merge_clipped_stats needs at least one ClippedStats.")
+    first = stats[0]
+    for k, st in enumerate(stats[1:], start=1):
+        if st.features != first.features or (st.clip_norm, st.clip_square) != (first.clip_norm, first.clip_square):
+            raise ValueError(f"ClippedStats #{k} differs from #0 in its features or clip bounds.")
+    return ClippedStats(
+        list(first.features),
+        sum(st.n_cells for st in stats),
+        np.sum([st.sum_clipped for st in stats], axis=0),
+        np.sum([st.sumsq_clipped for st in stats], axis=0),
+        first.clip_norm,
+        first.clip_square,
+        sum(st.noise_var_sum for st in stats),
+        sum(st.noise_var_sumsq for st in stats),
+    )
+
+
+def clipped_moments(stats: ClippedStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Mean, unbiased variance, variance floor and the mean's noise std, from (noisy) sums.
+
+    With ``n`` cells and noise variances ``v1`` (on each sum) and ``v2`` (on each sum of
+    squares), the noisy variance ``(S2 / n - m^2) n / (n - 1)`` carries noise of std
+    ``sqrt(v2 + 4 m^2 v1) / (n - 1)`` (first order, ``m`` the mean clamped at 0). That std
+    is the **variance floor** of each feature: a variance no larger than its own noise is
+    not told apart from noise, and dividing by its square root would blow the feature up.
+    Exact sums give a floor of 0.
+
+    Returns
+    -------
+    tuple
+        ``mean``, ``var`` (may be negative under noise), ``floor`` (all ``float64 (F,)``)
+        and the noise std of each mean, ``sqrt(v1) / n``.
+    """
+    n = stats.n_cells
+    if n < 1:
+        raise ValueError("clipped_moments needs statistics over at least one cell.")
+    mean = stats.sum_clipped / n
+    var = stats.sumsq_clipped / n - mean**2
+    ddof = n / (n - 1) if n > 1 else 1.0
+    var *= ddof
+    m = np.maximum(mean, 0.0)
+    floor = np.sqrt(stats.noise_var_sumsq + 4.0 * m**2 * stats.noise_var_sum) / n * ddof
+    return mean, var, floor, float(np.sqrt(stats.noise_var_sum) / n)

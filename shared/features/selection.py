@@ -15,6 +15,13 @@ over its cells) with :func:`compute_feature_stats`; the server sums them with
 Every site then maps its cells into the model input with :func:`transform`, which
 equals the pooled scanpy pipeline ``normalize_total -> log1p -> subset -> scale``.
 
+From a private release (:class:`ClippedStats`, see
+:mod:`fedspatial.shared.privacy.feature_release`) :func:`build_feature_space` builds a
+space that records the clip bounds: :func:`transform` then clips every cell exactly as
+the released sums did (``normalize_total -> log1p -> clip -> subset -> scale``), so the
+statistics describe the inputs. Its selection is :func:`clipped_highly_variable_mask`
+and its variances are floored (:func:`clipped_moments`).
+
 This module holds the feature space itself; its steps live beside it and are
 re-exported here: names and their intersection in
 :mod:`~fedspatial.shared.features.harmonization`, normalization in
@@ -37,7 +44,10 @@ import numpy as np
 from scipy import sparse
 
 from fedspatial.shared.features.feature_stats import (
+    ClippedStats,
     FeatureStats,
+    clip_cells,
+    clipped_moments,
     compute_feature_stats,
     mean_var,
     merge_feature_stats,
@@ -54,7 +64,10 @@ from fedspatial.shared.features.harmonization import (
 from fedspatial.shared.features.highly_variable import (
     _seurat_dispersions as _seurat_dispersions,  # re-exported for tests/test_features.py
 )
-from fedspatial.shared.features.highly_variable import highly_variable_mask
+from fedspatial.shared.features.highly_variable import (
+    clipped_highly_variable_mask,
+    highly_variable_mask,
+)
 from fedspatial.shared.features.normalization import (
     check_target_sum,
     log1p_matrix,
@@ -68,10 +81,12 @@ if TYPE_CHECKING:
 # The public names, as before the split: those defined in the modules above are
 # re-exported, so ``from fedspatial.shared.features.selection import X`` keeps working.
 __all__ = [
+    "ClippedStats",
     "FeatureSpace",
     "FeatureStats",
     "HarmonizationError",
     "build_feature_space",
+    "clipped_feature_space",
     "compute_feature_stats",
     "feature_names",
     "highly_variable_mask",
@@ -104,6 +119,11 @@ class FeatureSpace:
         Column of ``adata.var`` holding the identifiers, ``None`` for ``var_names``.
     max_value
         Standardized values are clipped to ``[-max_value, max_value]``. Default 10.
+    clip_norm, clip_square
+        Set (both) for a space built from a private release: :func:`transform` scales each
+        cell's log-normalized vector over ``shared`` down to these bounds
+        (:func:`~fedspatial.shared.features.feature_stats.clip_cells`) before selecting
+        and standardizing. ``None`` (default): no clipping.
     """
 
     shared: list[str]
@@ -113,6 +133,8 @@ class FeatureSpace:
     target_sum: float
     feature_key: str | None
     max_value: float = 10.0
+    clip_norm: float | None = None
+    clip_square: float | None = None
 
     def __post_init__(self) -> None:
         self.shared = [str(f) for f in self.shared]
@@ -149,6 +171,12 @@ class FeatureSpace:
         if not self.max_value > 0:
             msg = f"max_value must be positive; got {self.max_value!r}."
             raise ValueError(msg)
+        if (self.clip_norm is None) != (self.clip_square is None):
+            raise ValueError("clip_norm and clip_square are set together or not at all.")
+        if self.clip_norm is not None and self.clip_square is not None:
+            self.clip_norm, self.clip_square = float(self.clip_norm), float(self.clip_square)
+            if not (self.clip_norm > 0 and self.clip_square > 0):
+                raise ValueError(f"clip bounds must be positive; got {self.clip_norm!r}, {self.clip_square!r}.")
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """``{"mean", "std"}`` as ``float32`` arrays (for a Flower ArrayRecord)."""
@@ -158,15 +186,20 @@ class FeatureSpace:
         """Scalars and name lists (for a Flower ConfigRecord).
 
         Keys ``"shared"`` and ``"selected"`` (``list[str]``), ``"target_sum"`` and
-        ``"max_value"`` (``float``), ``"feature_key"`` (``str``; ``""`` for ``None``).
+        ``"max_value"`` (``float``), ``"feature_key"`` (``str``; ``""`` for ``None``), and
+        ``"clip_norm"``, ``"clip_square"`` (``float``) only when set (so a space without
+        clipping keeps its fingerprint).
         """
-        return {
+        config: dict[str, Any] = {
             "shared": list(self.shared),
             "selected": list(self.selected),
             "target_sum": float(self.target_sum),
             "feature_key": self.feature_key or "",
             "max_value": float(self.max_value),
         }
+        if self.clip_norm is not None:
+            config.update({"clip_norm": float(self.clip_norm), "clip_square": float(self.clip_square or 0.0)})
+        return config
 
     @classmethod
     def from_parts(cls, arrays: Mapping[str, Any], config: Mapping[str, Any]) -> FeatureSpace:
@@ -190,6 +223,8 @@ class FeatureSpace:
             target_sum=float(config["target_sum"]),
             feature_key=None if feature_key is None else str(feature_key),
             max_value=float(config.get("max_value", 10.0)),
+            clip_norm=None if config.get("clip_norm") is None else float(config["clip_norm"]),
+            clip_square=None if config.get("clip_square") is None else float(config["clip_square"]),
         )
 
     def fingerprint(self) -> str:
@@ -202,7 +237,7 @@ class FeatureSpace:
 
 
 def build_feature_space(
-    stats: FeatureStats,
+    stats: FeatureStats | ClippedStats,
     *,
     n_top_features: int | None,
     target_sum: float,
@@ -216,7 +251,8 @@ def build_feature_space(
     ----------
     stats
         Merged aggregates over the shared features (:func:`merge_feature_stats`),
-        computed with the same ``target_sum`` and ``feature_key``.
+        computed with the same ``target_sum`` and ``feature_key``; or a merged private
+        release (:class:`ClippedStats`, see :func:`clipped_feature_space`).
     n_top_features
         Number of highly-variable features to select (:func:`highly_variable_mask`);
         ``None`` keeps every feature (a small panel's standardization, see
@@ -235,6 +271,11 @@ def build_feature_space(
     FeatureSpace
         ``shared = stats.features``, the selected subset and its standardization.
     """
+    if isinstance(stats, ClippedStats):
+        return clipped_feature_space(
+            stats, n_top_features=n_top_features, target_sum=target_sum, feature_key=feature_key,
+            max_value=max_value, n_bins=n_bins,
+        )
     if n_top_features is None:
         mask = np.ones(len(stats.features), dtype=bool)
     else:
@@ -262,12 +303,66 @@ def build_feature_space(
     )
 
 
-def transform(adata: AnnData, space: FeatureSpace, *, layer: str | None = None) -> np.ndarray:
+def clipped_feature_space(
+    stats: ClippedStats,
+    *,
+    n_top_features: int | None,
+    target_sum: float,
+    feature_key: str | None = None,
+    max_value: float = 10.0,
+    n_bins: int = 20,
+) -> FeatureSpace:
+    """The feature space from a merged private release (noisy sums of clipped values).
+
+    Selection: :func:`clipped_highly_variable_mask` (``None`` keeps every feature).
+    Standardization: the noisy pooled mean, clamped at 0 (a clipped ``log1p`` value is
+    never negative), and the std ``sqrt(max(var, floor))`` with the floor of
+    :func:`clipped_moments` (the noise std of the variance estimate, from public
+    quantities only); a variance that is still 0 (exact, constant feature) gets std 1 as
+    in :func:`build_feature_space`. No NaN: every step is defined for any noisy input.
+    The space records the clip bounds, so :func:`transform` clips the inputs likewise.
+    """
+    mean, var, floor, mean_noise = clipped_moments(stats)
+    if n_top_features is None:
+        mask = np.ones(len(stats.features), dtype=bool)
+    else:
+        mask = clipped_highly_variable_mask(
+            stats.features, mean, var, floor, mean_noise, n_top_features=n_top_features, n_bins=n_bins
+        )
+    var = np.maximum(var[mask], floor[mask])
+    # a variance at rounding level of the mean is zero (constant feature), as above
+    var[var <= 1e-12 * mean[mask] ** 2] = 0.0
+    std = np.sqrt(var)
+    std[std == 0] = 1.0
+    selected = [f for f, keep in zip(stats.features, mask, strict=True) if keep]
+    logger.info(
+        "clipped_feature_space: %d of %d features selected over %d cells; %d std(s) at the noise floor",
+        len(selected), len(stats.features), stats.n_cells, int(np.sum(var == floor[mask])),
+    )
+    return FeatureSpace(
+        shared=list(stats.features),
+        selected=selected,
+        mean=np.maximum(mean[mask], 0.0).astype(np.float32),
+        std=std.astype(np.float32),
+        target_sum=target_sum,
+        feature_key=feature_key,
+        max_value=max_value,
+        clip_norm=stats.clip_norm,
+        clip_square=stats.clip_square,
+    )
+
+
+def transform(
+    adata: AnnData, space: FeatureSpace, *, layer: str | None = None, mean: np.ndarray | None = None
+) -> np.ndarray:
     """Map a section's counts into the federation's model input space.
 
     Restricts to ``space.shared``, applies :func:`normalize_log` with
-    ``space.target_sum``, keeps ``space.selected``, standardizes with
-    ``space.mean`` / ``space.std`` and clips to ``[-max_value, max_value]``.
+    ``space.target_sum``, clips each cell when the space has clip bounds
+    (:func:`~fedspatial.shared.features.feature_stats.clip_cells`), keeps
+    ``space.selected``, standardizes with ``space.mean`` (or ``mean``) / ``space.std``
+    and clips to ``[-max_value, max_value]``. Every step is per cell: a row depends on
+    that cell's counts and the space alone.
 
     Parameters
     ----------
@@ -277,6 +372,9 @@ def transform(adata: AnnData, space: FeatureSpace, *, layer: str | None = None) 
         The federation's feature space.
     layer
         Layer holding the counts; ``None`` uses ``adata.X``. Default ``None``.
+    mean
+        ``(len(space.selected),)`` centre used instead of ``space.mean`` (a section's
+        released mean under local DP). Default ``None``.
 
     Returns
     -------
@@ -290,14 +388,19 @@ def transform(adata: AnnData, space: FeatureSpace, *, layer: str | None = None) 
     """
     position = {f: i for i, f in enumerate(space.shared)}
     cols = np.array([position[f] for f in space.selected], dtype=np.int64)
-    mean, std = space.mean.astype(np.float64), space.std.astype(np.float64)
+    centre = space.mean if mean is None else np.asarray(mean).reshape(-1)
+    if centre.shape != space.mean.shape:
+        raise ValueError(f"mean has {centre.size} entries for {len(space.selected)} selected features.")
+    centre, std = centre.astype(np.float64), space.std.astype(np.float64)
     out = np.empty((adata.n_obs, len(cols)), dtype=np.float32)
     # block by block: a 500,000-cell section's float64 temporaries would be several GiB
     for rows, x in count_blocks(adata, space.shared, space.feature_key, layer):
         logged = log1p_matrix(normalize_total_f64(x, space.target_sum))
+        if space.clip_norm is not None and space.clip_square is not None:
+            logged = clip_cells(logged, space.clip_norm, space.clip_square)  # over all shared features, as released
         sub = logged[:, cols]
         dense = sub.toarray() if isinstance(sub, sparse.csr_matrix) else np.asarray(sub)
-        z = (dense - mean) / std
+        z = (dense - centre) / std
         np.clip(z, -space.max_value, space.max_value, out=z)
         out[rows] = z
     return out
