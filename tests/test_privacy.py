@@ -15,21 +15,23 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedspatial.shared.graph.neighbors import bound_in_degree, in_degree, knn_neighbors
-from fedspatial.shared.models import GATAutoencoder, NeighbourhoodAttention
+from fedspatial.shared.models import CellAutoencoder, GATAutoencoder, NeighbourhoodAttention
 from fedspatial.shared.privacy.dp import (
+    LinearGhostClipping,
     Mechanism,
     NodeBound,
     PrivacyBudgetExceeded,
     PrivacyLedger,
     Release,
     calibrate_noise,
+    check_degree_bound,
     dp_train_epochs,
     epsilon_of,
-    noisy_feature_stats,
     plan_round,
+    poisson_batches,
     validate_model,
 )
-from fedspatial.shared.training.loop import GraphData
+from fedspatial.shared.training.loop import GraphData, per_cell_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
 
@@ -60,6 +62,8 @@ def _models():
         "attention": _Attention(),
         "autoencoder": GATAutoencoder(6, 8, 3),
         "autoencoder-batch": GATAutoencoder(6, 8, 3, n_batches=2),
+        "cell": CellAutoencoder(6, 8, 3),
+        "cell-batch": CellAutoencoder(6, 8, 3, n_batches=2),
     }
 
 
@@ -72,7 +76,7 @@ def _microbatch_grads(model, x, mask, batch):
     return out
 
 
-@pytest.mark.parametrize("name", ["attention", "autoencoder", "autoencoder-batch"])
+@pytest.mark.parametrize("name", ["attention", "autoencoder", "autoencoder-batch", "cell", "cell-batch"])
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 def test_per_sample_gradients_equal_microbatch_gradients(name, mode):
     model = _models()[name]
@@ -91,35 +95,159 @@ def test_per_sample_gradients_equal_microbatch_gradients(name, mode):
     gsm.to_standard_module()
 
 
-@pytest.mark.parametrize("name", ["attention", "autoencoder-batch"])
-def test_ghost_clipping_equals_clipped_microbatch_sum(name):
+def _clipped_mean(model, x, mask, batch, clip):
+    """Each microbatch gradient clipped to ``clip`` by hand, summed, over the batch size."""
+    per_sample = _microbatch_grads(model, x, mask, batch)
+    norms = [torch.sqrt(sum((g**2).sum() for g in s.values())) for s in per_sample]
+    return {
+        n: sum(s.get(n, torch.zeros_like(p)) * min(1.0, clip / (float(norm) + 1e-6)) for s, norm in zip(per_sample, norms, strict=True)) / len(x)
+        for n, p in model.named_parameters()
+    }
+
+
+@pytest.mark.parametrize("name", ["attention", "autoencoder-batch", "cell-batch"])
+@pytest.mark.parametrize("engine", ["opacus", "single-pass"])
+def test_ghost_clipping_equals_clipped_microbatch_sum(name, engine):
     """Ghost clipping (the default engine) never forms per-sample gradients: its clipped,
-    noise-free average must equal clipping each microbatch gradient by hand."""
+    noise-free average must equal clipping each microbatch gradient by hand, for Opacus's
+    two backward passes and for the single-pass engine alike (3-D attention inputs included)."""
     model = _models()[name]
     x, mask, batch = _inputs()
-    per_sample = _microbatch_grads(model, x, mask, batch)
     clip = 0.5
-    norms = [torch.sqrt(sum((g**2).sum() for g in s.values())) for s in per_sample]
+    want = _clipped_mean(model, x, mask, batch, clip)
     params = dict(model.named_parameters())
-    want = {
-        n: sum(s.get(n, torch.zeros_like(p)) * min(1.0, clip / (float(norm) + 1e-6)) for s, norm in zip(per_sample, norms, strict=True)) / len(x)
-        for n, p in params.items()
-    }
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    if engine == "single-pass":
+        assert LinearGhostClipping.supports(model)
+        ghost = LinearGhostClipping(model, sgd, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=len(x), generator=torch.Generator())
+        ghost.step(model.loss(x, mask, batch))
+    else:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", max_grad_norm=clip)
-    opt = DPOptimizerFastGradientClipping(
-        torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
-        expected_batch_size=len(x), loss_reduction="mean",
-    )
-    from fedspatial.shared.privacy.dp import _PerSampleLoss
+        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", max_grad_norm=clip)
+        opt = DPOptimizerFastGradientClipping(sgd, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=len(x), loss_reduction="mean")
+        from fedspatial.shared.privacy.dp import _PerSampleLoss
 
-    criterion = DPLossFastGradientClipping(gsm, opt, _PerSampleLoss(), "mean")
-    opt.zero_grad()
-    criterion(model.loss(x, mask, batch)).backward()
-    opt.step()
+        criterion = DPLossFastGradientClipping(gsm, opt, _PerSampleLoss(), "mean")
+        opt.zero_grad()
+        criterion(model.loss(x, mask, batch)).backward()
+        opt.step()
     for n, p in params.items():
         assert torch.allclose(p.grad, want[n], atol=1e-5), n
+
+
+def test_single_pass_ghost_bounds_one_cells_contribution():
+    """The guarantee DP-SGD rests on: adding one sample, however large its gradient, moves
+    the (noise-free) gradient sum by at most the clipping norm C; and noise is added at std
+    sigma C / expected batch size, an empty batch included."""
+    torch.manual_seed(0)
+    model, clip = CellAutoencoder(6, 8, 3), 0.3
+    x, mask, batch = _inputs(b=5)
+    x[4] *= 1e3  # an outlier whose raw gradient is far above C
+
+    def clipped_sum(rows):
+        sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+        ghost = LinearGhostClipping(model, sgd, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=1, generator=torch.Generator())
+        ghost.step(model.loss(x[rows], mask[rows], batch[rows]))
+        out = ghost.flat.clone()
+        ghost.close()
+        return out
+
+    with_outlier, without = clipped_sum([0, 1, 2, 3, 4]), clipped_sum([0, 1, 2, 3])
+    assert float((with_outlier - without).norm()) == pytest.approx(clip, rel=1e-3)  # clipped to C exactly
+    assert float((clipped_sum([0, 1, 2, 3]) - clipped_sum([0, 1, 2])).norm()) <= clip + 1e-6
+    # Pure noise on an empty Poisson batch: std sigma C / E over ~100 parameters x 20 steps.
+    sigma, expected = 2.0, 8
+    ghost = LinearGhostClipping(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=sigma,
+                                max_grad_norm=clip, expected_batch_size=expected, generator=torch.Generator().manual_seed(3))
+    draws = []
+    for _ in range(20):
+        ghost.step(model.loss(x[:0], mask[:0], batch[:0]))
+        draws.append(ghost.flat.clone())
+    noise = torch.cat(draws)
+    assert float(noise.std()) == pytest.approx(sigma * clip / expected, rel=0.05)
+    assert abs(float(noise.mean())) < 0.1 * sigma * clip / expected
+
+
+def test_single_pass_ghost_refuses_tied_layers():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def loss(self, x, mask, batch=None):
+            return self.lin(self.lin(x[:, 0])).square().sum(dim=1)  # one layer, two uses
+
+    model = Tied()
+    ghost = LinearGhostClipping(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                                max_grad_norm=1.0, expected_batch_size=2, generator=torch.Generator())
+    with pytest.raises(NotImplementedError, match="tied"):
+        ghost.step(model.loss(torch.randn(2, 1, 4), torch.ones(2, 1, dtype=torch.bool)))
+    assert not LinearGhostClipping.supports(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
+
+
+def test_poisson_batches_draw_each_cell_independently_at_rate_q():
+    n, q, steps = 400, 0.05, 4000
+    batches = list(poisson_batches(n, q, steps, torch.Generator().manual_seed(0)))
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    assert all(b.dtype == torch.int64 and (b.diff() > 0).all() and (b.min() >= 0) and (b.max() < n) for b in batches if len(b) > 1)
+    assert float(sizes.mean()) == pytest.approx(n * q, rel=0.02)
+    assert float(sizes.var()) == pytest.approx(n * q * (1 - q), rel=0.1)  # binomial: independent draws
+    hits = torch.bincount(torch.cat(batches), minlength=n).double() / steps
+    assert float(hits.mean()) == pytest.approx(q, rel=0.02)
+    assert float(hits.std()) == pytest.approx((q * (1 - q) / steps) ** 0.5, rel=0.15)  # no cell favoured
+    assert hits[0] > 0 and hits[-1] > 0  # both ends reachable
+    assert [b.tolist() for b in poisson_batches(5, 1.0, 2, torch.Generator())] == [[0, 1, 2, 3, 4]] * 2
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_single_pass_and_opacus_ghost_train_alike(noise):
+    """End to end, same seed: the single-pass engine and Opacus's ghost clipping draw the
+    same batches and (without noise) take the same steps on the cell encoder."""
+    data = per_cell_data(_graph(n=200))
+    plan = plan_round(data.n_cells, batch_size=25, epochs=1, max_grad_norm=0.5, bound=NodeBound(0), node_noise_multiplier=noise)
+    states, seen = {}, []
+    for mode in ("ghost", "opacus-ghost"):
+        torch.manual_seed(0)
+        model = CellAutoencoder(10, 8, 3)
+        result = dp_train_epochs(model, data, plan, lr=1e-2, grad_sample_mode=mode, seed=4, on_step=lambda opt: seen.append(opt.noise_multiplier))
+        states[mode] = (result, model.state_dict())
+    (r1, s1), (r2, s2) = states["ghost"], states["opacus-ghost"]
+    assert r1.steps == r2.steps == plan.steps == 8
+    assert seen == [noise] * 16  # per-cell samples: noise sigma C, no group factor
+    if noise == 0:
+        assert r1.loss == pytest.approx(r2.loss, rel=1e-5)
+        assert all(torch.allclose(s1[k], s2[k], atol=1e-5) for k in s1)
+    else:  # the noise generators differ, the parameters too
+        assert not all(torch.allclose(s1[k], s2[k], atol=1e-5) for k in s1)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "opacus-ghost", "hooks", "functorch"])
+@pytest.mark.parametrize("model_kind", [CellAutoencoder, GATAutoencoder])
+def test_empty_poisson_batches_take_noise_steps(mode, model_kind):
+    n = 50
+    data = per_cell_data(_graph(n=n, f=6))
+    plan = plan_round(n, batch_size=1, epochs=1, max_grad_norm=1.0, bound=NodeBound(0), node_noise_multiplier=1.0)
+    sizes = [len(b) for b in poisson_batches(n, plan.sample_rate, plan.steps, torch.Generator().manual_seed(2))]
+    assert sizes.count(0) >= 5  # the secret seed 2 below draws these same batches
+    torch.manual_seed(0)
+    model = model_kind(6, 8, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = dp_train_epochs(model, data, plan, seed=2, grad_sample_mode=mode)
+    assert result.steps == plan.steps == 50 and np.isfinite(result.loss)
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # every parameter moved
+    assert all(p.grad is None for p in model.parameters()) or mode != "ghost"  # the engine let go of its buffer
+
+
+def test_neighbour_lists_beyond_the_degree_bound_are_refused():
+    data = _graph(n=100, k=6, d=6)
+    check_degree_bound(data, NodeBound(6))
+    with pytest.raises(ValueError, match="degree bound 2"):
+        check_degree_bound(data, NodeBound(2))
+    check_degree_bound(per_cell_data(data), NodeBound(0))  # one cell per sample
+    plan = plan_round(data.n_cells, batch_size=10, epochs=1, max_grad_norm=1.0, bound=NodeBound(0), node_noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="degree bound 0"):
+        dp_train_epochs(GATAutoencoder(10, 8, 3), data, plan, seed=0)
 
 
 def _graph(n=300, k=6, d=6, f=10, seed=0):
@@ -240,11 +368,3 @@ def test_degree_bound_limits_samples_per_cell():
     assert np.bincount(ego[ego >= 0]).max() <= 5
 
 
-def test_noisy_feature_stats_are_consistent_and_charged():
-    rng = np.random.default_rng(0)
-    arrays = {k: rng.random(20) * 100 for k in ("sum_norm", "sumsq_norm", "sum_log", "sumsq_log", "n_detected")}
-    n, noisy, equivalent = noisy_feature_stats(50, arrays, target_sum=1e4, noise_multiplier=2.0, seed=0)
-    assert n >= 1 and all(v.shape == (20,) and (v >= 0).all() for v in noisy.values())
-    assert (noisy["sumsq_log"] >= noisy["sum_log"] ** 2 / n - 1e-9).all()
-    assert (noisy["n_detected"] <= n).all()
-    assert equivalent == pytest.approx(2.0 / np.sqrt(6))

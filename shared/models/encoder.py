@@ -2,7 +2,8 @@
 
 A model maps a cell's spatial neighbourhood to an embedding (``encode_ego``), can embed
 whole sections at once (``embed_graph``) and is trained self-supervised through
-``loss``. A transformer over a cell's niche implements the same three methods.
+``loss``. A transformer over a cell's niche implements the same three methods; the
+per-cell autoencoder implements them too and ignores the neighbourhood.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ class SpatialEncoderModel(Protocol):
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """Rebuild a model from :meth:`SpatialEncoderModel.model_config`."""
+    from fedspatial.shared.models.cell_autoencoder import CellAutoencoder
     from fedspatial.shared.models.gat_autoencoder import GATAutoencoder
 
-    kinds = {"gat_autoencoder": GATAutoencoder}
+    kinds: dict[str, type[nn.Module]] = {"gat_autoencoder": GATAutoencoder, "cell_autoencoder": CellAutoencoder}
     cfg = dict(config)
     kind = cfg.pop("kind", "gat_autoencoder")
     if kind not in kinds:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,8 +46,15 @@ class GraphData:
     def n_cells(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def width(self) -> int:
+        """``k``: neighbour slots per cell (0 for per-cell data, :func:`per_cell_data`)."""
+        return int(self.neighbors.shape[1])
+
     def ego(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Neighbourhoods of the cells in ``index``: ``x [B, 1 + k, F]`` and ``mask [B, 1 + k]``."""
+        """Neighbourhoods of the cells in ``index`` ``[B]``: ``x [B, 1 + k, F]`` and ``mask [B, 1 + k]``."""
+        if self.neighbors.shape[1] == 0:  # per-cell data: one gather, no concatenation
+            return self.x[index].unsqueeze(1), torch.ones(len(index), 1, dtype=torch.bool)
         rows = torch.cat([index.unsqueeze(1), self.neighbors[index]], dim=1)
         mask = rows >= 0
         return self.x[rows.clamp(min=0)], mask
@@ -59,11 +67,36 @@ class GraphData:
         return torch.stack([nbr[keep] - start, target[keep]])
 
 
+def per_cell_data(data: GraphData) -> GraphData:
+    """The same cells without neighbours (``neighbors [N, 0]``): ``ego`` gives ``[B, 1, F]``.
+
+    Training data of a per-cell encoder (:class:`~fedspatial.shared.models.CellAutoencoder`),
+    which reads only the centre cell: gathering ``k`` neighbours would be wasted work, and
+    without neighbours a training sample holds one cell's data only (DP-SGD's sensitivity
+    is then ``C``: no group factor). Shares ``x`` and ``batch`` with ``data`` (no copy).
+    """
+    return GraphData(data.x, data.neighbors.new_empty((data.n_cells, 0)), list(data.sections), data.batch)
+
+
 @dataclass
 class TrainResult:
     loss: float
     steps: int
     num_examples: int
+
+
+def adam(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam as both training loops (plain and DP-SGD) use it.
+
+    The fused kernel where torch has one for the parameters (CPU float32 since torch 2.4):
+    one step over a 3000-feature autoencoder's 0.8 M parameters costs ~1 ms instead of
+    ~3.4 ms single-threaded, a fifth of a training step. Same update up to float rounding.
+    """
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device / dtype
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -83,6 +116,7 @@ def train_epochs(
     proximal_mu: float = 0.0,
     progress: bool = False,
     description: str = "train",
+    on_step: Callable[[torch.optim.Optimizer], object] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on mini-batches of neighbourhoods.
 
@@ -100,12 +134,14 @@ def train_epochs(
         FedProx term ``mu/2 * ||w - w_global||^2`` against the weights at entry (default: 0).
     progress
         Show a progress bar (default: False).
+    on_step
+        Called with the optimizer after each step (timing, tests), as in ``dp_train_epochs``.
     """
     model.train()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    total, seen, steps = 0.0, 0, 0
+    total, seen, steps = torch.zeros((), dtype=torch.float64), 0, 0
     batches = [b for _ in range(epochs) for b in _batches(data.n_cells, batch_size, generator)]
     for index in tqdm(batches, desc=description, disable=not progress, leave=False):
         x, mask = data.ego(index)
@@ -118,10 +154,12 @@ def train_epochs(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(per_sample.detach().sum())
+        total += per_sample.detach().sum()  # a tensor: no conversion per step
         seen += len(index)
         steps += 1
-    mean_loss = total / max(seen, 1)
+        if on_step is not None:
+            on_step(optimizer)
+    mean_loss = float(total) / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise FloatingPointError(
             "training loss is not finite: lower `lr` or check the input features for extreme values"
