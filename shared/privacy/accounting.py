@@ -13,9 +13,18 @@ multiplier). Removing cell ``v`` deletes its own sample (gradient ``g_v``, ``|g_
 drawn with probability ``q``) and changes the D samples whose neighbourhood holds it
 (``g_i -> g_i'``, both of norm ``<= C``); those D samples exist in both datasets and keep
 their own sampling coins, so both outputs are mixtures over which affected samples are
-drawn. **Assumption 1:** no other sample changes (a cell is in at most D neighbour lists
-and removing it leaves the other lists as they were; issue 13 shows the current degree cap
-can break this, which is fixed elsewhere). The cell count, hence ``q``, the number of
+drawn. **Assumption 1** (proven in :mod:`fedspatial.shared.graph.degree_bound`, checked by
+``tests/test_degree_bound_adversarial.py``): no other sample changes. The site trains on its
+plain per-section graph: each cell's ``k`` nearest cells of its section (or its ``k`` nearest
+within the radius), ranked by distance then index, with no pruning. Removing ``v`` therefore
+changes exactly the lists that held it (``v`` leaves, the next cell moves up) and nothing in
+other sections. In the plane at most ``6k`` lists hold a cell (six 60-degree cones around it,
+at most ``k`` listing cells in each), so ``D = dp_degree_bound(k, graph) = 6k`` (0 for the
+per-cell encoder). The proof needs sections whose cells have distinct positions, at least
+``MIN_SEPARATION`` times the section's extent apart, and ``k <= 200``. The site refuses other
+sections (``check_dp_coordinates``), and the guarantee is over sections that pass. It also
+needs each cell's input to depend on that cell and released statistics only (under
+``features.scale: section`` the section's released mean centres it). The cell count, hence ``q``, the number of
 steps and the optimizer's division by the expected batch size, is treated as public (as
 in Opacus).
 
@@ -236,23 +245,27 @@ def calibrate_noise(
     steps: int,
     degree_bound: int | None = None,
     prior: Sequence[Entry] = (),
+    after: Sequence[Entry] = (),
     tolerance: float = 0.01,
 ) -> float:
     """Smallest noise multiplier (within ``tolerance``) such that ``prior`` followed by
     ``steps`` steps of ``Mechanism(sigma, sample_rate, degree_bound)`` spends at most
-    ``target_epsilon`` under :func:`epsilon_of`. With ``degree_bound`` it is the node-level
+    ``target_epsilon`` under :func:`epsilon_of`, together with the releases planned
+    ``after`` them (already fixed: the run's clustering and tables). With ``degree_bound`` it is the node-level
     ``sigma_node`` and ``sample_rate`` is the per-sample rate ``q``.
 
     Each probe builds and composes new PLDs, so the bracket is refined by regula falsi
     on ``log epsilon`` against ``log sigma`` (Illinois variant); it stops when the bracket is
     narrower than ``tolerance`` or the returned sigma spends within 0.1 % of the target.
     """
-    spent = epsilon_of(prior, delta)
+    spent = epsilon_of([*prior, *after], delta)
     if spent >= target_epsilon:
-        raise PrivacyBudgetExceeded(f"earlier releases already spent epsilon {spent:.3f} >= target {target_epsilon}")
+        raise PrivacyBudgetExceeded(
+            f"earlier and planned releases already spend epsilon {spent:.3f} >= target {target_epsilon}"
+        )
 
     def excess(sigma: float) -> float:  # > 0: too little noise
-        eps = epsilon_of([*prior, (Mechanism(sigma, sample_rate, degree_bound), steps)], delta)
+        eps = epsilon_of([*prior, (Mechanism(sigma, sample_rate, degree_bound), steps), *after], delta)
         return math.log(max(eps, 1e-300) / target_epsilon)
 
     high, f_high = 1.0, excess(1.0)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from fedspatial.shared.privacy.accounting import (
     ACCOUNTANT,
     RDP_CROSS_CHECK,
+    Entry,
     Mechanism,
     NodeBound,
     PrivacyBudgetExceeded,
@@ -31,7 +33,15 @@ from fedspatial.shared.storage.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-PRIVACY_UNIT = "one cell: its feature vector and its edges in the site's degree-bounded neighbourhood graph"
+PRIVACY_UNIT = (
+    "one cell, added or removed: its expression profile, its label, its position (and so its edges in the "
+    "neighbourhood graph); the number of cells of each section is public"
+)
+SCOPE = (
+    "this run: the ledger composes every release of this run at this site; it does not compose with other "
+    "runs on the same data (a site that runs several studies on the same cells spends the sum of their "
+    "epsilons, or better by composing their ledgers' releases)"
+)
 LEDGER_FILE = "privacy_ledger.json"
 PRIVACY_BUDGET_ERROR = 4001
 """Error code of a train reply a site refused because its privacy budget is spent."""
@@ -39,14 +49,18 @@ PRIVACY_BUDGET_ERROR = 4001
 
 def guarantee(epsilon: float, delta: float, degree_bound: int) -> str:
     """The one-sentence guarantee a ledger states."""
+    if degree_bound == 0:
+        sample = "each DP-SGD sample is one cell alone (per-cell encoder; the niche enters after training, at the site)"
+    else:
+        sample = (
+            f"each DP-SGD sample is a cell's niche; removing a cell changes its own sample and those of at most "
+            f"{degree_bound} other cells (the kNN bound for planar coordinates)"
+        )
     return (
-        f"({epsilon:.3g}, {delta:g})-DP for what this site released under this ledger (model updates; "
-        "harmonization aggregates when noised), with respect to adding or removing one cell (its features "
-        f"and its edges in the neighbourhood graph whose in-degree is capped at {degree_bound}), provided "
-        "that removing a cell changes no training sample other than its own and those of at most "
-        f"{degree_bound} cells listing it as a neighbour; epsilon from dp-accounting's PLD accountant for "
-        "the node-level subsampled Gaussian mechanism; the graph is built from cell coordinates without "
-        "noise, and cell counts, clustering statistics and scores released after training are not covered."
+        f"({epsilon:.3g}, {delta:g})-DP with respect to adding or removing one cell, for everything this site "
+        "released in this run (feature statistics, model updates, DP k-means statistics, label x domain tables); "
+        f"{sample}; epsilon from dp-accounting's PLD accountant over all releases. Not covered: the number of "
+        "cells per section (public) and the outputs that never leave the site."
     )
 
 
@@ -137,17 +151,23 @@ class PrivacyLedger:
 
     def check(
         self, kind: str, server_round: int, noise_multiplier: float, sample_rate: float, steps: int,
-        *, degree_bound: int | None = None, ego_sample_rate: float | None = None,
+        *, degree_bound: int | None = None, ego_sample_rate: float | None = None, reserve: Sequence[Entry] = (),
     ) -> float:
         """Epsilon after the planned release (fields as in :class:`Release`); raises
-        :class:`PrivacyBudgetExceeded` (and records the refusal) past the budget."""
+        :class:`PrivacyBudgetExceeded` (and records the refusal) past the budget.
+
+        ``reserve``: releases the run still needs after this one (DP k-means and the
+        tables after training); the release is refused unless they fit too, so a site
+        that stops training early can still cluster and report."""
         planned = Release(kind, server_round, noise_multiplier, sample_rate, steps,
                           degree_bound=degree_bound, ego_sample_rate=ego_sample_rate)
         after = epsilon_of([*self.history, (planned.mechanism, steps)], self.delta)
-        if after > self.budget_epsilon * (1 + 1e-9):
+        total = epsilon_of([*self.history, (planned.mechanism, steps), *reserve], self.delta) if reserve else after
+        if total > self.budget_epsilon * (1 + 1e-9):
+            kept = f" and {total:.3f} with the releases reserved after it" if reserve else ""
             reason = (
                 f"privacy budget exhausted at site {self.site}: {kind} of round {server_round} would raise "
-                f"epsilon from {self.epsilon:.3f} to {after:.3f}, above the site's budget "
+                f"epsilon from {self.epsilon:.3f} to {after:.3f}{kept}, above the site's budget "
                 f"{self.budget_epsilon:g} (delta {self.delta:g}); the site refuses"
             )
             if not any(r["round"] == server_round and r["kind"] == kind for r in self.refusals):
@@ -178,6 +198,7 @@ class PrivacyLedger:
         return {
             "site": self.site,
             "privacy-unit": PRIVACY_UNIT,
+            "scope": SCOPE,
             "guarantee": guarantee(self.epsilon, self.delta, self.degree_bound),
             "accountant": ACCOUNTANT,
             "epsilon": self.epsilon,

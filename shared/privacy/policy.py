@@ -168,10 +168,11 @@ def unnoised(query: str, cfg: ExperimentConfig) -> bool:
     (a query a new phase adds counts as un-noised until it says otherwise here)."""
     if query in METADATA_QUERIES:
         return False
-    if query == "train":
+    if query in ("train", "embed", "dp_cluster_stats", "finalize"):
+        # under local DP: DP-SGD, no release (embed), DP k-means, the DP label x domain tables
         return not cfg.privacy.local_dp
     if query == "feature_stats":
-        return cfg.privacy.feature_stats_noise <= 0
+        return not cfg.privacy.local_dp and cfg.privacy.feature_stats_noise <= 0
     return True
 
 
