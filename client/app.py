@@ -45,6 +45,7 @@ from fedspatial.shared.privacy.policy import (
     SITE_POLICY_ERROR,
     SitePolicyError,
     refusal,
+    unnoised,
     withhold_small_tables,
 )
 from fedspatial.shared.protocol.names import Query, message_type
@@ -125,6 +126,10 @@ def _policy_refusal(site: SiteRuntime, query: str, request: Payload) -> str | No
     """Why the site's own policy refuses ``query`` as asked, or None (no policy: any)."""
     policy = site.node.policy
     why = None if policy is None else refusal(policy, query, site.cfg, request)
+    if why is None and site.cfg.privacy.local_dp and unnoised(query, site.cfg):
+        # local DP means every release is in the ledger: whatever the server asks, with or without a policy
+        return (f"site {site.name} refuses {message_type(query)}: under privacy.local-dp its reply would be a "
+                "statistic of the cells outside the privacy ledger")
     return None if why is None else f"site {site.name} refuses {message_type(query)} by its site policy: {why}"
 
 

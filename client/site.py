@@ -32,8 +32,9 @@ from fedspatial.shared.data.sections import (
     prepare_graph_data,
     section_features,
 )
-from fedspatial.shared.graph.neighbors import bound_in_degree
+from fedspatial.shared.graph.degree_bound import check_dp_coordinates, dp_degree_bound
 from fedspatial.shared.phases.base import SiteState
+from fedspatial.shared.phases.feature_space import section_centres
 from fedspatial.shared.phases.setup import SiteSetup, setup_of
 from fedspatial.shared.privacy.dp import LEDGER_FILE, PrivacyLedger, Release
 from fedspatial.shared.protocol.names import RUN_CONFIG
@@ -130,7 +131,6 @@ class SiteRuntime:
         self.seed_name = node.name
         self._graph: dict[tuple[Any, ...], GraphData] = {}
         self._model_graph: dict[tuple[Any, ...], GraphData] = {}
-        self._dp_graph: dict[tuple[Any, ...], GraphData] = {}
 
     @property
     def name(self) -> str:
@@ -173,7 +173,16 @@ class SiteRuntime:
     # -- privacy ledger -------------------------------------------------------------------
     @property
     def degree_bound(self) -> int:
-        return self.cfg.privacy.max_degree or self.cfg.neighbors.n_neighbors
+        """D: how many other cells' DP-SGD samples one cell can change. 0 when a sample is one
+        cell (the per-cell encoder, or no local DP); with the graph encoder, the proven bound on
+        the plain per-section graph (:func:`dp_degree_bound`: 6 x n-neighbors), or
+        privacy.max-degree when that is larger (privacy_checks refuses a smaller one)."""
+        m = self.cfg.model
+        cell = m.encoder == "cell" or (m.encoder == "auto" and self.cfg.privacy.local_dp)
+        if cell or not self.cfg.privacy.local_dp:
+            return 0
+        g = self.cfg.neighbors
+        return max(self.cfg.privacy.max_degree, dp_degree_bound(g.n_neighbors, g.graph))
 
     @property
     def budget(self) -> float:
@@ -233,6 +242,8 @@ class SiteRuntime:
 
     def prepare(self, setup: SiteSetup) -> int:
         """Build (and cache) what later rounds reuse; returns the site's number of cells."""
+        if self.degree_bound:  # local DP with the graph encoder: refuse bad sections before any release
+            self.check_dp_sections()
         if self.ready(setup):
             return self.graph_data(setup).n_cells
         if self.reference_sections(setup):
@@ -295,17 +306,28 @@ class SiteRuntime:
         if setup.batches:
             codes = {b: i for i, b in enumerate(setup.batches)}
             batch_of = {s.key: codes[self.batch_name(s)] for s in sections}
+        centres = None
+        if inputs is None and self.cfg.privacy.local_dp and self.cfg.features.scale == "section":
+            # each section centred by its released mean, not its cells' (one cell must not move the others' inputs)
+            centres = section_centres(self, setup, sections)
         g = self.cfg.neighbors
         return prepare_graph_data(
             sections, setup.space, spatial_key=self.cfg.data.spatial_key, graph=g.graph, n_neighbors=g.n_neighbors,
-            radius=g.radius, scale=self.cfg.features.scale, batch_of=batch_of, inputs=inputs,
+            radius=g.radius, scale=self.cfg.features.scale, batch_of=batch_of, inputs=inputs, centres=centres,
         )
 
+    def check_dp_sections(self) -> None:
+        """Refuse (ValueError naming the section) a section whose coordinates void the degree
+        bound: coincident or near-coincident cells, checked on the columns the graph is built
+        on (``obsm[spatial_key][:, :2]``, as prepare_graph_data)."""
+        spatial_key = self.cfg.data.spatial_key
+        for section in self.sections:
+            coords = np.asarray(section.adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+            check_dp_coordinates(coords, section.key)
+
     def dp_graph_data(self, setup: SiteSetup) -> GraphData:
-        """The training graph for DP-SGD: every cell in at most ``degree_bound`` lists."""
-        key = setup.model_key
-        if key not in self._dp_graph:
-            data = self.graph_data(setup)
-            bounded = torch.from_numpy(bound_in_degree(data.neighbors.numpy(), self.degree_bound))
-            self._dp_graph = {key: GraphData(data.x, bounded, data.sections, data.batch)}
-        return self._dp_graph[key]
+        """The training graph for DP-SGD with the graph encoder: the plain per-section graph,
+        unpruned. Removing one cell changes its own sample and those of the at most
+        ``degree_bound`` cells that list it (:mod:`fedspatial.shared.graph.degree_bound`)."""
+        self.check_dp_sections()
+        return self.graph_data(setup)

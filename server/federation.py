@@ -199,6 +199,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_config: dict[str, Any]
             **run.report,
             "wall-seconds": time.perf_counter() - t0,
             "dropped-sites": group.dropped,
-            "privacy": privacy_summary(cfg, run.training.history, names, run.training.stopped, run.training.refusals),
+            "privacy": privacy_summary(
+                cfg, run.training.history, names, run.training.stopped, run.training.refusals, run.site_reports
+            ),
         },
     )

@@ -136,9 +136,12 @@ def privacy_summary(
     names: dict[str, str],
     stopped: dict[str, Any] | None,
     refusals: dict[int, dict[int, str]],
+    site_reports: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """What the run's report says about privacy: each site's epsilon after its last
-    round (its own ledger has the details), central DP's client-level epsilon, SecAgg+."""
+    """What the run's report says about privacy: each site's epsilon for the whole run
+    (every release, as its finalize reply states; after its last round where it sent no
+    finalize reply; its own ledger has the details), central DP's client-level epsilon,
+    SecAgg+."""
     p = cfg.privacy
     out: dict[str, Any] = {"local-dp": p.local_dp, "central-dp": p.central_dp, "secagg": p.secagg}
     if p.local_dp:
@@ -147,6 +150,9 @@ def privacy_summary(
             for node, m in entry.get("sites", {}).items():
                 if "dp-epsilon" in m:
                     spent[names.get(node, node)] = {"epsilon": m["dp-epsilon"], "delta": m.get("dp-delta"), "after-round": entry["round"]}
+        for rep in site_reports:
+            if "privacy" in rep:
+                spent[rep["site"]] = {**rep["privacy"], "after": "the whole run (all releases)"}
         out["site-epsilon"] = spent
         out["ledger"] = "privacy_ledger.json in each site's results folder"
     if p.central_dp != "none":

@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from fedspatial.shared.privacy.checks import privacy_checks
 from fedspatial.shared.protocol.result_line import RUN_NAME_RULE, is_valid_run_name
 from fedspatial.shared.storage.hints import did_you_mean
 from fedspatial.shared.training.strategy_config import StrategyName, strategy_checks
@@ -76,6 +77,10 @@ class GraphConfig:
 
 @dataclass
 class ModelConfig:
+    encoder: Literal["auto", "gat", "cell"] = "auto"
+    """"gat": graph-attention autoencoder over each cell's niche; "cell": per-cell
+    autoencoder (the niche enters after training, by smoothing the embedding at the site),
+    which DP-SGD can train per cell; "auto": "cell" under privacy.local-dp, else "gat"."""
     hidden_dim: int = 128
     latent_dim: int = 32
     dropout: float = 0.0
@@ -169,7 +174,9 @@ class PrivacyConfig:
     """Per-site budget: a site refuses a round that would exceed it (0: target-epsilon).
     A site's node config `privacy-budget` may set a stricter one."""
     max_degree: int = 0
-    """In-degree bound D: a cell is the neighbour of at most D cells (0: n-neighbors)."""
+    """D charged by DP-SGD with the graph encoder (model.encoder: gat): how many other cells'
+    training samples one cell can change. 0: the proven bound 6 x neighbors.n-neighbors
+    (shared/graph/degree_bound.py); a smaller value is refused, a larger one only adds noise."""
     on_exhausted: Literal["stop", "continue"] = "stop"
     """When a site's budget is spent: stop training (keep the last round's model), or
     continue without that site (needs min-nodes below the number of sites)."""
@@ -177,7 +184,16 @@ class PrivacyConfig:
     """Opacus per-sample gradient engine."""
     feature_stats_noise: float = 0.0
     """Noise multiplier of the Gaussian mechanism on the harmonization aggregates
-    (0: exact aggregates, no privacy cost)."""
+    (0: exact aggregates, no privacy cost). Under local-dp the statistics are always
+    released privately (shared/privacy/budget.py sets the noise)."""
+    feature_clip: float = 20.0
+    """Under local-dp (or feature-stats-noise > 0): L2 bound R of one cell's log-normalized
+    expression vector over the shared features; a longer one is scaled down to it (one factor
+    per cell; the model inputs are clipped the same way). Sets the sensitivity of the feature
+    statistics (shared/privacy/feature_release.py)."""
+    kmeans_iterations: int = 6
+    """Under local-dp: DP Lloyd iterations of the federated k-means (each one a noised
+    release of per-cluster sums and counts)."""
     central_dp: Literal["none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = "none"
     """Client-level central DP with Flower's DP strategy wrappers."""
     central_noise_multiplier: float = 1.0
@@ -355,43 +371,13 @@ def validate(cfg: ExperimentConfig) -> None:
             "features.small-panel-fraction: must be between 0 and 1 (0 = plain intersection)",
         ),
         (
-            not (cfg.privacy.local_dp and cfg.features.n_pcs),
-            "features.n-pcs: federated PCA releases sums of the raw features outside the privacy "
-            "ledger; set it to 0 when privacy.local-dp is on",
-        ),
-        (
             cfg.features.n_pcs <= cfg.features.n_top_features,
             f"features.n-pcs is {cfg.features.n_pcs}, more than features.n-top-features "
             f"({cfg.features.n_top_features}): PCA cannot give more components than features. Fix: "
             f"--set features.n-pcs={cfg.features.n_top_features} (or less; 0 turns PCA off), or raise "
             "features.n-top-features",
         ),
-        (
-            not cfg.privacy.local_dp or cfg.training.proximal_mu == 0,
-            "privacy.local-dp: needs training.proximal-mu 0 (Opacus privatizes per-sample gradients only)",
-        ),
-        _positive(cfg, "privacy.target-epsilon"),
-        _at_least(cfg, "privacy.noise-multiplier", 0, "0 = calibrate from target-epsilon"),
-        (0 < cfg.privacy.delta < 1, "privacy.delta: must be in (0, 1), typically below 1 / number of cells"),
-        _positive(cfg, "privacy.max-grad-norm"),
-        _at_least(cfg, "privacy.budget-epsilon", 0, "0 = target-epsilon"),
-        _at_least(cfg, "privacy.max-degree", 0, "0 = n-neighbors"),
-        _at_least(cfg, "privacy.feature-stats-noise", 0, "0 = exact aggregates"),
-        _positive(cfg, "privacy.central-noise-multiplier"),
-        _positive(cfg, "privacy.central-clipping-norm"),
-        (
-            cfg.privacy.central_dp == "none" or cfg.model.batch == "none",
-            "privacy.central-dp: needs model.batch 'none' (per-site decoder weights are summed, not averaged)",
-        ),
-        (
-            not cfg.privacy.secagg or cfg.privacy.central_dp in ("none", "client-fixed"),
-            "privacy.secagg: combine only with central-dp 'client-fixed' (the server never sees a "
-            "single site's update, so it cannot clip it)",
-        ),
-        (
-            not cfg.privacy.secagg or cfg.model.batch == "none",
-            "privacy.secagg: needs model.batch 'none' (per-site decoder weights cannot be summed under masking)",
-        ),
+        *privacy_checks(cfg),
         _at_least(cfg, "markers.marker-plot-genes", 1),
         _at_least(cfg, "simulation.num-cpus", 1),
         _at_least(cfg, "simulation.cpus-per-client", 1),

@@ -181,15 +181,16 @@ def test_every_phase_with_secure_aggregation(tmp_path: Path, messages: list) -> 
     blocks = math.ceil(1 / 0.05)  # Harmony's block_size default
     allowed = _allowed_dims(run, cfg, [5, n_sections, blocks])
     types = _inspect(messages, cells, allowed)
-    # Every phase's queries really ran (training went through SecAgg+'s train messages).
-    assert {message_type(q) for q in Query if q is not Query.EVALUATE} <= types
+    # Every non-private phase's queries really ran (training went through SecAgg+'s train
+    # messages); DP k-means runs only under local DP (the next test).
+    assert {message_type(q) for q in Query if q not in (Query.EVALUATE, Query.DP_CLUSTER_STATS)} <= types
+    assert message_type(Query.DP_CLUSTER_STATS) not in types
 
 
 def test_local_dp_with_secure_aggregation_and_client_side_dp(tmp_path: Path, messages: list) -> None:
     manifest, cells = _federation(tmp_path / "data", small_panel=False)
     cfg = _config(
         manifest, tmp_path, "private",
-        clustering={"mixture": "tied"},
         privacy={
             "local-dp": True, "target-epsilon": 8.0, "feature-stats-noise": 5.0, "secagg": True,
             "central-dp": "client-fixed", "central-noise-multiplier": 0.3, "central-clipping-norm": 5.0,
@@ -202,9 +203,13 @@ def test_local_dp_with_secure_aggregation_and_client_side_dp(tmp_path: Path, mes
     for ledger_file in sorted((run / "sites").glob("*/privacy_ledger.json")):
         ledger = json.loads(ledger_file.read_text())
         kinds = {r["kind"] for r in ledger["releases"]}
-        assert kinds == {"feature-stats", "dp-sgd"} and ledger["epsilon"] <= 8.0 * 1.0001
+        # Every release is on the ledger: feature statistics, DP-SGD, DP k-means, DP tables.
+        assert kinds == {"feature-stats", "dp-sgd", "dp-kmeans", "dp-table"}
+        assert ledger["epsilon"] <= 8.0 * 1.0001
     types = _inspect(messages, cells, _allowed_dims(run, cfg, []))
-    assert {"train", "query.feature_stats", "query.mixture", "query.finalize"} <= types
+    assert {"train", "query.feature_stats", "query.dp_cluster_stats", "query.finalize"} <= types
+    # No exact clustering statistics and no un-noised evaluation loss left any site.
+    assert not types & {"query.kmeans", "query.mixture", "evaluate", "query.evaluate"}
     # Marker genes and the confidence's temperature are refused under local DP: no marker
     # statistics or calibration losses left any site.
     assert "query.markers" not in types and "privacy.local-dp" in report["markers"]["skipped"]

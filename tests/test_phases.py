@@ -39,7 +39,7 @@ def _run_identity(flower_task_identity) -> None:
 def test_phases_run_in_the_documented_order() -> None:
     assert [p.name for p in PHASES] == [
         "describe", "feature space", "PCA", "small-panel mapping", "training",
-        "embedding", "Harmony", "k-means", "mixture", "finalize", "calibration", "markers",
+        "embedding", "Harmony", "k-means", "dp k-means", "mixture", "finalize", "calibration", "markers",
     ]
 
 

@@ -14,6 +14,7 @@ from opacus.accountants import RDPAccountant
 from fedspatial.server import messaging
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.data.synthetic import SyntheticSpec, write_synthetic_federation
+from fedspatial.shared.privacy.budget import budget_plan
 from fedspatial.shared.privacy.dp import (
     Mechanism,
     NodeBound,
@@ -120,32 +121,49 @@ def test_local_dp_ledgers_compose_over_rounds_and_messages_carry_no_cells(federa
         ledger = json.loads((run / "sites" / site / "privacy_ledger.json").read_text())
         per_round = [r["epsilon"] for r in ledger["epsilon-per-round"]]
         assert per_round[0] < per_round[1] < per_round[2] <= 6.0 * 1.0001
-        # One accountant over all of the site's releases: feature statistics, then 3 rounds.
+        # One accountant over all of the site's releases: feature statistics, 3 rounds of
+        # per-cell DP-SGD (the default encoder under local DP: degree bound 0), then DP
+        # k-means and the DP label x domain table.
         (stats,) = [r for r in ledger["releases"] if r["kind"] == "feature-stats"]
-        plan = plan_round(n, batch_size=64, epochs=1, max_grad_norm=1.0, bound=NodeBound(6), node_noise_multiplier=1.0)
+        plan = plan_round(n, batch_size=64, epochs=1, max_grad_norm=1.0, bound=NodeBound(0), node_noise_multiplier=1.0)
         sigma = ledger["node-noise-multiplier"]
-        history = [(Mechanism(stats["noise_multiplier"]), 1), (Mechanism(sigma, plan.sample_rate, 6), 3 * plan.steps)]
+        history = [(Mechanism(stats["noise_multiplier"]), 1), (Mechanism(sigma, plan.sample_rate, 0), 3 * plan.steps)]
         assert per_round[2] == pytest.approx(epsilon_of(history, 1e-5), rel=1e-6)
+        after = [r for r in ledger["releases"] if r["kind"] in ("dp-kmeans", "dp-table")]
+        assert {r["kind"] for r in after} == {"dp-kmeans", "dp-table"}
+        assert all(r["sample_rate"] == 1.0 for r in after)
+        history += [(Mechanism(r["noise_multiplier"]), r["steps"]) for r in after]
+        # The whole run's epsilon is every release's, and the plan spends the target (1%).
+        assert ledger["epsilon"] == pytest.approx(epsilon_of(history, 1e-5), rel=1e-6)
+        assert 6.0 * 0.99 <= ledger["epsilon"] <= 6.0 * 1.0001
         # The RDP cross-check (group reduction) over the same releases, independently.
         one = RDPAccountant()
         one.history = [(stats["noise_multiplier"], 1.0, 1), (sigma, plan.node_sample_rate, 3 * plan.steps)]
-        assert ledger["epsilon-rdp"] == pytest.approx(one.get_epsilon(delta=1e-5), rel=0.02) and ledger["epsilon-rdp"] > per_round[2]
-        assert ledger["steps"] == 3 * plan.steps and ledger["degree-bound"] == 6
+        one.history += [(r["noise_multiplier"], 1.0, r["steps"]) for r in after]
+        assert ledger["epsilon-rdp"] == pytest.approx(one.get_epsilon(delta=1e-5), rel=0.02)
+        assert ledger["epsilon-rdp"] > ledger["epsilon"]
+        assert ledger["steps"] == 3 * plan.steps and ledger["degree-bound"] == 0
         assert ledger["status"] == "within budget" and "cell" in ledger["guarantee"]
-        assert report["privacy"]["site-epsilon"][site]["epsilon"] == pytest.approx(per_round[2])
+        assert report["privacy"]["site-epsilon"][site]["epsilon"] == pytest.approx(ledger["epsilon"])
     sizes = list(cells.values()) + [int(s["n_cells"]) for s in report["sections"].values()]
     _assert_no_per_cell_data(spy, sizes)
     types = {m.metadata.message_type for m in spy}
-    assert {"train", "query.feature_stats", "query.finalize"} <= types and "evaluate" not in types
+    assert {"train", "query.feature_stats", "query.dp_cluster_stats", "query.finalize"} <= types
+    assert not types & {"evaluate", "query.kmeans", "query.cluster_stats", "query.mixture"}
 
 
 def test_budget_exhausted_mid_run_stops_cleanly(federation, tmp_path):
     cells = _site_cells(federation)
-    # hospital_b holds itself to a budget between its epsilon after rounds 1 and 2.
+    # hospital_b holds itself to a budget between what rounds 1 and 2 would spend, each with
+    # the DP k-means and table releases that must still follow training reserved.
     n = cells["hospital_b"]
-    plan = plan_round(n, batch_size=64, epochs=1, max_grad_norm=1.0, bound=NodeBound(6), node_noise_multiplier=1.0)
-    sigma = calibrate_noise(target_epsilon=6.0, delta=1e-5, sample_rate=plan.sample_rate, degree_bound=6, steps=3 * plan.steps)
-    e1, e2 = (epsilon_of([(Mechanism(sigma, plan.sample_rate, 6), r * plan.steps)], 1e-5) for r in (1, 2))
+    privacy = {"local-dp": True, "target-epsilon": 6.0}
+    budget = budget_plan(_config(federation, tmp_path, "plan", privacy=privacy).privacy)
+    before, after = budget.before_training(), budget.after_training()
+    plan = plan_round(n, batch_size=64, epochs=1, max_grad_norm=1.0, bound=NodeBound(0), node_noise_multiplier=1.0)
+    sigma = calibrate_noise(target_epsilon=6.0, delta=1e-5, sample_rate=plan.sample_rate, degree_bound=0,
+                            steps=3 * plan.steps, prior=before, after=after)
+    e1, e2 = (epsilon_of([*before, (Mechanism(sigma, plan.sample_rate, 0), r * plan.steps), *after], 1e-5) for r in (1, 2))
     raw = json.loads(federation.read_text())
     for site in raw["sites"]:
         if site["name"] == "hospital_b":
@@ -153,7 +171,7 @@ def test_budget_exhausted_mid_run_stops_cleanly(federation, tmp_path):
         site["data-path"] = str((federation.parent / site["data-path"]).resolve())
     manifest = tmp_path / "federation.json"
     manifest.write_text(json.dumps(raw))
-    cfg = _config(manifest, tmp_path, "budget", privacy={"local-dp": True, "target-epsilon": 6.0})
+    cfg = _config(manifest, tmp_path, "budget", privacy=privacy)
     simulate(cfg)
     run = tmp_path / "budget" / "federated"
     report = json.loads((run / "metrics.json").read_text())
@@ -165,6 +183,9 @@ def test_budget_exhausted_mid_run_stops_cleanly(federation, tmp_path):
     ledger = json.loads((run / "sites" / "hospital_b" / "privacy_ledger.json").read_text())
     assert ledger["status"] == "exhausted" and ledger["refusals"][0]["round"] == 2
     assert [r["round"] for r in ledger["epsilon-per-round"]] == [1] and ledger["epsilon"] <= ledger["budget-epsilon"]
+    # ... and the budget it kept back paid for its clustering and tables: nothing refused after training.
+    assert {r["kind"] for r in ledger["releases"]} == {"feature-stats", "dp-sgd", "dp-kmeans", "dp-table"}
+    assert [r["kind"] for r in ledger["refusals"]] == ["dp-sgd"]
     # Every site still clustered and wrote its sections with the round-1 model.
     assert set(report["sites"]) == {"hospital_a", "hospital_b", "hospital_c"} and not report["dropped-sites"]
     assert (run / "model" / "model.safetensors").is_file()

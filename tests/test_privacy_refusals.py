@@ -13,9 +13,19 @@ from fedspatial.shared.phases.feature_space import FeatureSpacePhase
 
 
 def test_local_dp_refuses_federated_pca() -> None:
-    with pytest.raises(ConfigError, match=r"features\.n-pcs: federated PCA releases sums"):
+    with pytest.raises(ConfigError, match=r"features\.n-pcs: federated PCA releases statistics"):
         ExperimentConfig.from_dict({"features": {"n-pcs": 10}, "privacy": {"local-dp": True}})
     ExperimentConfig.from_dict({"features": {"n-pcs": 10}})  # fine without local DP
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("clustering", "mixture", "tied"), ("clustering", "harmony", "section"), ("clustering", "n-init", 3)],
+)
+def test_local_dp_refuses_clustering_without_a_private_version(section: str, key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: .*privacy\.local-dp"):
+        ExperimentConfig.from_dict({section: {key: value}, "privacy": {"local-dp": True}})
+    ExperimentConfig.from_dict({section: {key: value}})  # fine without local DP
 
 
 class _NothingSent:

@@ -166,10 +166,15 @@ def test_train_of_a_round_past_max_rounds_is_refused(site_data: Path, tmp_path: 
     assert not reply.has_content()  # no model update arrays
 
 
-@pytest.mark.parametrize("query", ["evaluate", "cluster_stats", "markers", "calibration", "feature_stats", "embed", "finalize"])
-def test_unnoised_releases_are_refused(site_data: Path, tmp_path: Path, query: str) -> None:
+@pytest.mark.parametrize(
+    ("query", "run"),
+    # under local DP feature_stats, embed and finalize are DP releases (or none): refused without it
+    [("evaluate", DP), ("cluster_stats", DP), ("markers", DP), ("calibration", DP),
+     ("feature_stats", {}), ("embed", {}), ("finalize", {})],
+)
+def test_unnoised_releases_are_refused(site_data: Path, tmp_path: Path, query: str, run: dict) -> None:
     policy = "allow-unnoised-releases = false"
-    _refused(_ask(query, site_data, tmp_path, policy, run=DP), "allow-unnoised-releases=false", query)
+    _refused(_ask(query, site_data, tmp_path, policy, run=run), "allow-unnoised-releases=false", query)
     # ... while the metadata the run needs still flows
     assert not _ask("describe", site_data, tmp_path, policy, run=DP).has_error()
 
@@ -183,7 +188,8 @@ def test_which_releases_count_as_noised() -> None:
     assert refusal(policy, "train", dp, request) is None  # DP-SGD updates, charged to the ledger
     assert "allow-unnoised-releases=false" in str(refusal(policy, "train", plain, request))
     assert refusal(policy, "feature_stats", noisy_stats, request) is None
-    assert refusal(policy, "feature_stats", dp, request) is not None
+    assert refusal(policy, "feature_stats", dp, request) is None  # always a DP release under local DP
+    assert refusal(policy, "feature_stats", plain, request) is not None
     assert refusal(policy, "setup", dp, request) is None and refusal(policy, "describe", plain, request) is None
     assert refusal(policy, "a_new_phases_query", dp, request) is not None  # unknown: un-noised until said otherwise
     # negative control: without the field, nothing is refused

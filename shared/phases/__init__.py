@@ -11,6 +11,7 @@ from __future__ import annotations
 from fedspatial.shared.phases.base import Phase
 from fedspatial.shared.phases.calibration import CalibrationPhase
 from fedspatial.shared.phases.describe import Describe
+from fedspatial.shared.phases.dp_kmeans import DPKMeansPhase
 from fedspatial.shared.phases.embedding import Embedding
 from fedspatial.shared.phases.feature_space import FeatureSpacePhase
 from fedspatial.shared.phases.finalize import Finalize
@@ -31,6 +32,7 @@ PHASES: tuple[Phase, ...] = (
     Embedding(),
     HarmonyPhase(),
     KMeansPhase(),
+    DPKMeansPhase(),
     MixturePhase(),
     Finalize(),
     CalibrationPhase(),

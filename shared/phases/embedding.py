@@ -1,6 +1,9 @@
 """Phase ``embedding``: every site embeds all its cells with the final global model and
 keeps the embedding at home; it returns only a local k-means proposal (centroids,
-counts) and the embedding's per-dimension moments, which start the domain clustering."""
+counts) and the embedding's per-dimension moments, which start the domain clustering
+(under local DP nothing: DP k-means starts without them). With the per-cell encoder the
+site then smooths the embedding over each cell's spatial neighbours (the niche enters
+after training; :mod:`fedspatial.shared.algorithms.smoothing`)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import numpy as np
 
 from fedspatial.shared.algorithms import kmeans as clustering
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site, SiteState
-from fedspatial.shared.phases.training import model_from
+from fedspatial.shared.phases.training import model_from, resolved_encoder, training_data
 from fedspatial.shared.protocol.names import (
     EVALUATE_RECEIVED,
     NUM_EXAMPLES,
@@ -23,11 +26,29 @@ from fedspatial.shared.training.loop import embed, evaluate_loss
 EMBEDDING_KEY = "fedspatial-embedding"
 UNCORRECTED = "z-uncorrected"
 """Array of the embedding record holding the embedding before Harmony corrected it."""
+PER_CELL = "z-cell"
+"""Array of the embedding record holding the per-cell encoder's embedding of each cell
+alone, scaled to unit length (the spatially smoothed one is ``z``): what DP k-means sums,
+because one cell changes only its own row of it."""
 
 
-def store_embedding(state: SiteState, z: np.ndarray, uncorrected: np.ndarray | None = None) -> None:
-    arrays = {"z": z} if uncorrected is None else {"z": z, UNCORRECTED: uncorrected}
+def store_embedding(
+    state: SiteState, z: np.ndarray, uncorrected: np.ndarray | None = None, *, per_cell: np.ndarray | None = None
+) -> None:
+    arrays = {"z": z}
+    if uncorrected is not None:
+        arrays[UNCORRECTED] = uncorrected
+    if per_cell is not None:
+        arrays[PER_CELL] = per_cell
     state.put(EMBEDDING_KEY, Payload(arrays=arrays))
+
+
+def per_cell_embedding_of(state: SiteState) -> np.ndarray:
+    """The per-cell encoder's unit-length embedding of each cell alone (see :data:`PER_CELL`)."""
+    stored = state.get(EMBEDDING_KEY)
+    if stored is None or PER_CELL not in stored.arrays:
+        raise RuntimeError("no per-cell embedding at this site: DP k-means needs model.encoder 'cell'")
+    return stored.array(PER_CELL)
 
 
 def embedding_of(state: SiteState) -> np.ndarray:
@@ -62,16 +83,28 @@ class Embedding(Phase):
             EVALUATE_RECEIVED: int(not run.cfg.privacy.local_dp),
         })
         replies = fed.ask(Query.EMBED, request)
-        run.proposals = {site: reply.arrays for site, reply in replies.items()}
+        # under local DP the sites propose nothing: DP k-means starts from public centres
+        run.proposals = {site: reply.arrays for site, reply in replies.items() if reply.arrays}
         record_final_eval_loss(run, replies)
 
     def answer(self, site: Site, query: str, request: Payload) -> Payload:
-        model, data = model_from(request), site.graph_data(site.setup())
+        setup = site.setup()
+        model, data = model_from(request), training_data(site, setup)
         metrics: dict[str, int | float] = {NUM_EXAMPLES: site.n_cells}
         if request.number(EVALUATE_RECEIVED, 0) and not site.cfg.privacy.local_dp:  # an unprivatized statistic
             metrics[RECEIVED_EVAL_LOSS] = evaluate_loss(model, data)
         z = embed(model, data)
-        store_embedding(site.state, z)
+        if resolved_encoder(site.cfg) == "cell":  # the niche enters here, at the site, after training
+            from fedspatial.shared.algorithms.smoothing import (
+                smooth_embedding,  # TEMP lazy until it lands
+            )
+            per_cell = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+            z = smooth_embedding(per_cell, site.graph_data(setup).neighbors.numpy())
+            store_embedding(site.state, z, per_cell=per_cell)
+        else:
+            store_embedding(site.state, z)
+        if site.cfg.privacy.local_dp:  # a local k-means proposal is not private: nothing leaves
+            return Payload(metrics=metrics)
         proposal = propose_domains(z, int(request.number("n-domains")), site.cfg.seed)
         return Payload(arrays=proposal, metrics=metrics)
 

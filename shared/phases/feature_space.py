@@ -1,11 +1,17 @@
 """Phase ``feature space``: one harmonized feature space for the federation.
 
-The sites send per-feature sums over the features they share (``query.feature_stats``;
-noised and charged to the site's ledger when ``privacy.feature-stats-noise`` > 0); the
-server selects highly variable features and the standardization from the merged sums,
-equal to the pooled computation, and sends the result to every site
+The sites send per-feature sums over the features they share (``query.feature_stats``);
+the server selects highly variable features and the standardization from the merged
+sums, equal to the pooled computation, and sends the result to every site
 (``query.setup``). A section with a small panel does not shrink the space: it is
 planned here and mapped onto the others by the panel phase.
+
+Under ``privacy.local-dp`` (or ``privacy.feature-stats-noise`` > 0) a site answers with
+its one private release (:mod:`fedspatial.shared.privacy.feature_release`: noisy sums of
+clipped values, charged once to its ledger, kept in its state), and under local DP
+each of its sections is centred by that release's section mean
+(:func:`section_centres`), so that a cell's model input depends only on its own counts
+and released statistics.
 """
 
 from __future__ import annotations
@@ -13,11 +19,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedspatial.shared.algorithms.panels import plan_panels
-from fedspatial.shared.config import ConfigError
+from fedspatial.shared.config import ConfigError, ExperimentConfig
+from fedspatial.shared.features.feature_stats import (
+    CLIPPED_FIELDS,
+    ClippedStats,
+    merge_clipped_stats,
+    to_numpy,
+)
 from fedspatial.shared.features.selection import (
     FeatureStats,
     build_feature_space,
@@ -25,8 +38,15 @@ from fedspatial.shared.features.selection import (
     merge_feature_stats,
 )
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site
-from fedspatial.shared.phases.setup import store_setup
-from fedspatial.shared.privacy.dp import Release, noisy_feature_stats
+from fedspatial.shared.phases.setup import SiteSetup, store_setup
+from fedspatial.shared.privacy.budget import budget_plan
+from fedspatial.shared.privacy.feature_release import (
+    FeatureRelease,
+    release_bounds,
+    release_features,
+    release_key,
+)
+from fedspatial.shared.privacy.ledger import Release
 from fedspatial.shared.protocol.feature_space import (
     feature_space_from_config,
     feature_space_to_config,
@@ -34,7 +54,18 @@ from fedspatial.shared.protocol.feature_space import (
 from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
 from fedspatial.shared.protocol.payload import Payload
 
+if TYPE_CHECKING:
+    from fedspatial.shared.data.sections import SiteSection
+
 logger = logging.getLogger(__name__)
+
+NOISE_VAR_SUM, NOISE_VAR_SUMSQ = "noise-var-sum", "noise-var-sumsq"
+CLIP_NORM, CLIP_SQUARE = "clip-norm", "clip-square"
+
+
+def private_release(cfg: ExperimentConfig) -> bool:
+    """Whether the sites answer ``query.feature_stats`` with a private release."""
+    return cfg.privacy.local_dp or cfg.privacy.feature_stats_noise > 0
 
 
 def federated_feature_stats(
@@ -44,13 +75,25 @@ def federated_feature_stats(
     features: list[str],
     target_sum: float,
     sections: list[str] | None = None,
-) -> FeatureStats:
+) -> FeatureStats | ClippedStats:
     """Per-feature aggregates over ``features`` (only over the named sections when
-    given), summed in site-name order."""
+    given), summed in site-name order: exact :class:`FeatureStats`, or the merged private
+    releases (:class:`ClippedStats`) when the sites answer with those."""
     config = {"features": features, "target-sum": target_sum, **({"sections": sections} if sections else {})}
     replies = fed.ask(Query.FEATURE_STATS, Payload(config=config), sites=sites)  # type: ignore[arg-type]
+    if replies and all(CLIPPED_FIELDS[0] in r.arrays for r in replies.values()):
+        return merge_clipped_stats([_clipped_reply(features, r) for r in replies.values()])
     return merge_feature_stats(
         [FeatureStats.from_arrays(features, int(r.metrics[NUM_EXAMPLES]), r.arrays) for r in replies.values()]
+    )
+
+
+def _clipped_reply(features: list[str], reply: Payload) -> ClippedStats:
+    m = reply.metrics
+    return ClippedStats(
+        features, int(m[NUM_EXAMPLES]), to_numpy(reply.array(CLIPPED_FIELDS[0])), to_numpy(reply.array(CLIPPED_FIELDS[1])),
+        clip_norm=float(m[CLIP_NORM]), clip_square=float(m[CLIP_SQUARE]),
+        noise_var_sum=float(m[NOISE_VAR_SUM]), noise_var_sumsq=float(m[NOISE_VAR_SUMSQ]),
     )
 
 
@@ -110,29 +153,78 @@ class FeatureSpacePhase(Phase):
             n_cells = site.prepare(site.setup())  # prepare now: later rounds reuse it
             return Payload(metrics={NUM_EXAMPLES: n_cells})
         sections = request.strings("sections") or None
-        stats = site_feature_stats(site, request.strings("features"), target_sum=request.number("target-sum"), sections=sections)
-        return Payload(arrays=stats.to_arrays(), metrics={NUM_EXAMPLES: stats.n_cells})
+        features, target_sum = request.strings("features"), request.number("target-sum")
+        if private_release(site.cfg):
+            stats = site_feature_release(site, features, target_sum=target_sum, sections=sections).site_stats()
+            metrics: dict[str, int | float] = {
+                NUM_EXAMPLES: stats.n_cells, CLIP_NORM: stats.clip_norm, CLIP_SQUARE: stats.clip_square,
+                NOISE_VAR_SUM: stats.noise_var_sum, NOISE_VAR_SUMSQ: stats.noise_var_sumsq,
+            }
+            return Payload(arrays=stats.to_arrays(), metrics=metrics)
+        exact = site_feature_stats(site, features, target_sum=target_sum, sections=sections)
+        return Payload(arrays=exact.to_arrays(), metrics={NUM_EXAMPLES: exact.n_cells})
 
 
 def site_feature_stats(
     site: Site, features: list[str], *, target_sum: float, sections: list[str] | None = None
 ) -> FeatureStats:
-    """Per-feature aggregates (over the named sections only, when given); released
-    through the Gaussian mechanism (and charged to the site's ledger) when
-    ``privacy.feature-stats-noise`` > 0."""
+    """Exact per-feature aggregates (over the named sections only, when given); a private
+    run answers with :func:`site_feature_release` instead."""
     chosen = [s for s in site.sections if sections is None or s.key in set(sections)]
-    stats = compute_feature_stats([s.adata for s in chosen], features, target_sum=target_sum, feature_key=site.feature_key)
-    sigma = site.cfg.privacy.feature_stats_noise
-    if sigma <= 0:
-        return stats
+    return compute_feature_stats([s.adata for s in chosen], features, target_sum=target_sum, feature_key=site.feature_key)
+
+
+def site_feature_release(
+    site: Site, features: list[str], *, target_sum: float, sections: list[str] | None = None
+) -> FeatureRelease:
+    """The site's private release over ``features`` (the named sections only, when given).
+
+    Drawn and charged to the ledger (kind ``feature-stats``, noise multiplier
+    ``budget_plan(cfg.privacy).feature_noise``; refused past the budget) the first time
+    only: it is kept in the site's state under :func:`release_key`, and the same request
+    (a restarted message) gets the same values back without a new draw or charge.
+    """
+    p = site.cfg.privacy
+    chosen = [s for s in site.sections if sections is None or s.key in set(sections)]
+    bounds = release_bounds(p.feature_clip, target_sum)
+    sigma = budget_plan(p).feature_noise
+    key = release_key(features, [s.key for s in chosen], target_sum, bounds, sigma)
+    stored = site.state.get(key)
+    if stored is not None:
+        return FeatureRelease.from_payload(stored)
     ledger = site.ledger()
-    equivalent = sigma / np.sqrt(6.0)  # six blocks, see noisy_feature_stats
     try:
-        ledger.check("feature-stats", 0, equivalent, 1.0, 1)
+        ledger.check("feature-stats", 0, sigma, 1.0, 1)
     finally:
         site.save_ledger(ledger)
-    n, arrays, equivalent = noisy_feature_stats(stats.n_cells, stats.to_arrays(), target_sum=target_sum, noise_multiplier=sigma)
-    ledger.record(Release("feature-stats", 0, equivalent, 1.0, 1, details={"noise-multiplier": sigma}))
+    release = release_features(
+        [(s.key, s.adata) for s in chosen], features, target_sum=target_sum, bounds=bounds,
+        noise_multiplier=sigma, feature_key=site.feature_key,
+    )
+    details = {
+        "noise-multiplier": sigma, "clip-norm": bounds.clip_norm, "clip-square": bounds.clip_square,
+        "sections": len(chosen), "features": len(features),
+    }
+    ledger.record(Release("feature-stats", 0, sigma, 1.0, 1, details=details))
     site.save_ledger(ledger)
-    return FeatureStats.from_arrays(stats.features, n, arrays)
+    site.state.put(key, release.to_payload())
+    return release
+
+
+def section_centres(site: Site, setup: SiteSetup, sections: Sequence[SiteSection]) -> dict[str, np.ndarray]:
+    """Each section's released mean over ``setup.space.selected`` (``float64``), the centre
+    of its model inputs under local DP with ``features.scale: section``.
+
+    Taken from the release that answered ``query.feature_stats``; a site that lost its
+    state (a resumed run whose server kept the feature space) releases again, charged.
+    """
+    space = setup.space
+    if space.clip_norm is None:
+        raise RuntimeError(f"{site.name}: under privacy.local-dp the feature space must come from a private release")
+    release = site_feature_release(site, space.shared, target_sum=space.target_sum, sections=[s.key for s in sections])
+    if (release.bounds.clip_norm, release.bounds.clip_square) != (space.clip_norm, space.clip_square):
+        raise RuntimeError(f"{site.name}: the feature space's clip bounds differ from this site's release")
+    position = {f: i for i, f in enumerate(release.features)}
+    cols = np.array([position[f] for f in space.selected], dtype=np.int64)
+    return {s.key: release.section_mean(s.key)[cols] for s in sections}
 

@@ -1,6 +1,7 @@
 """Phase ``finalize``: every site assigns its cells to the federation's domains, refines
 them spatially, writes its annotated sections and plots at home, and returns scores,
-label x domain counts and, for the confidence's calibration, the same counts per
+label x domain counts (under local DP only those, through a Gaussian mechanism:
+:mod:`fedspatial.shared.privacy.tables`) and, for the confidence's calibration, the same counts per
 confidence bin only. The final domains stay in the site's state for the markers phase.
 
 Fields each annotated section gains (a copy of the input; the input is never modified):
@@ -37,6 +38,7 @@ from fedspatial.shared.evaluation.calibration import (
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site
 from fedspatial.shared.phases.embedding import embedding_of, uncorrected_embedding
 from fedspatial.shared.plots import domain_palette, plot_section_domains
+from fedspatial.shared.privacy.tables import label_vocabulary, private_tables, vocabulary_table
 from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
 from fedspatial.shared.protocol.payload import Payload
 from fedspatial.shared.storage.atomic import write_atomic
@@ -93,6 +95,8 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
     refine = request.flag("refine", True)
     run_name = request.string("run-name", site.cfg.run_name)
     label_key, out_dir = site.cfg.data.label_key, site.output_dir
+    private = site.cfg.privacy.local_dp
+    vocabulary = label_vocabulary([s.adata.obs[label_key] for s in site.sections if label_key in s.adata.obs]) if private else []
     report: dict[str, Any] = {"site": site.name, "sections": {}, "contingency": {}, "calibration": {}, "outputs": []}
     per_site: dict[str, list[metrics.Contingency]] = {}
     calibration: dict[str, list[CalibrationTable]] = {}
@@ -114,19 +118,19 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
         annotated.uns["fedspatial"] = run_record(site.cfg, run_name, n_domains=len(centroids), refine=refine)
         path = annotated_path(out_dir, section)
         write_atomic(path, annotated.write_h5ad)
-        entry: dict[str, Any] = {
-            "site": section.site, "n_cells": int(stop - start), "output": str(path), "peak_rss_mb": peak_rss_mb(),
-            **features_used(section, setup),
-        }
+        entry: dict[str, Any] = {"site": section.site, "n_cells": int(stop - start), "output": str(path), **features_used(section, setup)}
+        if not private:  # memory and scores are statistics of the cells outside the ledger
+            entry["peak_rss_mb"] = peak_rss_mb()
         truth = section.adata.obs.get(label_key)
-        if truth is not None:
+        if truth is not None and private:
+            per_site.setdefault(section.site, []).append(vocabulary_table(truth.to_numpy(), dom, vocabulary, len(centroids)))
+        elif truth is not None:
             entry.update(metrics.section_scores(truth.to_numpy(), dom))
             per_site.setdefault(section.site, []).append(metrics.contingency(truth.to_numpy(), dom))
             # the confidence as written (float32), per (bin, label, domain): see evaluation/calibration.py.
             # Not under local DP: a finer table than the contingency, outside the privacy ledger.
-            if not site.cfg.privacy.local_dp:
-                table = calibration_table(truth.to_numpy(), dom, conf.astype(np.float32))
-                calibration.setdefault(section.site, []).append(table)
+            table = calibration_table(truth.to_numpy(), dom, conf.astype(np.float32))
+            calibration.setdefault(section.site, []).append(table)
         png = out_dir / f"{section.site}__{section.name}_domains.png"
         coords = np.asarray(section.adata.obsm[site.cfg.data.spatial_key])[:, :2]
         plot_section_domains(coords, dom, truth.to_numpy() if truth is not None else None, title=section.key, path=png,
@@ -134,8 +138,14 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
         entry["plot"] = str(png)
         report["sections"][key] = entry
         report["outputs"] += [str(path), str(png)]
-    for name, tables in per_site.items():
-        merged = metrics.merge_contingency(tables)
+    merged_tables = {name: metrics.merge_contingency(tables) for name, tables in per_site.items()}
+    domain_counts = np.bincount(labels, minlength=len(centroids)).astype(np.int64)
+    if private:  # one Gaussian mechanism over every table and the domain sizes, charged to the ledger
+        merged_tables, domain_counts = private_tables(site, merged_tables, domain_counts)
+        report["private-tables"] = "Gaussian mechanism, charged to the site's privacy ledger (dp-table)"
+        ledger = site.ledger()  # the whole run's spend: every release is charged by now
+        report["privacy"] = {"epsilon": ledger.epsilon, "delta": ledger.delta, "status": "exhausted" if ledger.refusals else "within budget"}
+    for name, merged in merged_tables.items():
         report["contingency"][name] = {
             "labels": merged.labels, "domains": [int(d) for d in merged.domains], "counts": merged.counts.tolist(),
         }
@@ -145,7 +155,7 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
     kept = {"domains": np.concatenate(final).astype(np.int64), **({"logits": logits} if logits is not None else {})}
     site.state.put(DOMAINS_STATE, Payload(arrays=kept, config={"n-domains": len(centroids)}))
     logger.info("%s: wrote %d annotated sections to %s", site.name, len(site.sections), out_dir)
-    return report, np.bincount(labels, minlength=len(centroids)).astype(np.int64)
+    return report, domain_counts
 
 
 def run_record(cfg: ExperimentConfig, run_name: str, *, n_domains: int, refine: bool) -> dict[str, Any]:

@@ -26,6 +26,9 @@ class KMeansPhase(Phase):
     name = "k-means"
     queries = (Query.CLUSTER_STATS,)
 
+    def enabled(self, run: Run) -> bool:
+        return not run.cfg.privacy.local_dp  # DP k-means instead (phases/dp_kmeans.py)
+
     def run(self, fed: Federation, run: Run) -> None:
         c, k = run.cfg.clustering, run.cfg.clustering.n_domains
         props = [run.proposals[site] for site in sorted(run.proposals)]  # site-name order: no reply-order effects

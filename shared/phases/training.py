@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedspatial.shared.models import GATAutoencoder, build_model
+from fedspatial.shared.config import ExperimentConfig
+from fedspatial.shared.models import CellAutoencoder, GATAutoencoder, build_model
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site, Weights
 from fedspatial.shared.phases.setup import SiteSetup
+from fedspatial.shared.privacy.budget import budget_plan
 from fedspatial.shared.privacy.dp import (
     NodeBound,
     Release,
@@ -40,13 +42,42 @@ from fedspatial.shared.protocol.names import (
 )
 from fedspatial.shared.protocol.payload import Payload
 from fedspatial.shared.storage.checkpoint import save_checkpoint
-from fedspatial.shared.training.loop import TrainResult, evaluate_loss, train_epochs
+from fedspatial.shared.training.loop import (
+    GraphData,
+    TrainResult,
+    evaluate_loss,
+    per_cell_data,
+    train_epochs,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def to_weights(model: torch.nn.Module) -> Weights:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def resolved_encoder(cfg: ExperimentConfig) -> str:
+    """``model.encoder`` with ``auto`` resolved: the per-cell encoder under local DP (DP-SGD
+    then needs no group factor), the graph-attention encoder otherwise."""
+    kind = cfg.model.encoder
+    return ("cell" if cfg.privacy.local_dp else "gat") if kind == "auto" else kind
+
+
+def new_model(cfg: ExperimentConfig, in_dim: int, n_batches: int) -> CellAutoencoder | GATAutoencoder:
+    """The run's encoder, freshly initialized (seed it first)."""
+    m = cfg.model
+    if resolved_encoder(cfg) == "cell":
+        return CellAutoencoder(in_dim, m.hidden_dim, m.latent_dim, n_batches=n_batches, dropout=m.dropout)
+    return GATAutoencoder(in_dim, m.hidden_dim, m.latent_dim, n_batches=n_batches, dropout=m.dropout)
+
+
+def training_data(site: Site, setup: SiteSetup) -> GraphData:
+    """What the site trains on: each cell alone for the per-cell encoder, its niche otherwise."""
+    data = site.graph_data(setup)
+    if resolved_encoder(site.cfg) != "cell":
+        return data
+    return per_cell_data(data)
 
 
 def model_from(request: Payload) -> torch.nn.Module:
@@ -63,9 +94,7 @@ class Training(Phase):
     def run(self, fed: Federation, run: Run) -> None:
         cfg = run.cfg
         torch.manual_seed(cfg.seed)
-        model = GATAutoencoder(
-            run.in_dim, cfg.model.hidden_dim, cfg.model.latent_dim, n_batches=len(run.batches), dropout=cfg.model.dropout
-        )
+        model = new_model(cfg, run.in_dim, len(run.batches))
         run.model_config = model.model_config()
         initial, done, history = to_weights(model), 0, []
         if run.checkpoint is not None:
@@ -86,12 +115,14 @@ class Training(Phase):
         model = model_from(request)
         setup = site.setup()
         if query == Query.EVALUATE:
-            loss = evaluate_loss(model, site.graph_data(setup))
+            if site.cfg.privacy.local_dp:  # the site's own check, whatever the server asks
+                raise PermissionError(f"{site.name}: under privacy.local-dp the site does not release an un-noised evaluation loss")
+            loss = evaluate_loss(model, training_data(site, setup))
             return Payload(metrics={NUM_EXAMPLES: site.n_cells, "unit-weight": 1.0, "eval-loss": loss})
         start = time.perf_counter()
         received_loss = None
         if request.number(EVALUATE_RECEIVED, 0) and not site.cfg.privacy.local_dp:  # an unprivatized statistic
-            received_loss = evaluate_loss(model, site.graph_data(setup))  # before training changes the model
+            received_loss = evaluate_loss(model, training_data(site, setup))  # before training changes the model
         server_round = int(request.number("server-round", 0))
         seed = site.round_seed(int(request.number("seed", 0)), server_round)
         if site.cfg.privacy.local_dp:
@@ -101,21 +132,21 @@ class Training(Phase):
             # Flower's FedProx sends its mu in the train config; other strategies: the run config's
             mu = request.number("proximal-mu", t.proximal_mu)
             result = train_epochs(
-                model, site.graph_data(setup), epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+                model, training_data(site, setup), epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
                 weight_decay=t.weight_decay, proximal_mu=mu, seed=seed, description=f"{site.name} train",
             )
         metrics: dict[str, int | float] = {
             NUM_EXAMPLES: result.num_examples,
             "unit-weight": 1.0,  # uniform weights for central DP (sensitivity C / n_sites)
             "train-steps": result.steps,
-            "train-seconds": time.perf_counter() - start,
         }
         if site.cfg.privacy.local_dp:
-            # The DP-SGD loss is an unprivatized statistic: report the privacy spent instead.
+            # The DP-SGD loss and the round's time are statistics of the cells outside the ledger:
+            # report the privacy spent instead (the steps follow from public counts).
             ledger = site.ledger()
             metrics.update({"dp-epsilon": ledger.epsilon, "dp-delta": ledger.delta, "dp-budget": ledger.budget_epsilon})
         else:
-            metrics["train-loss"] = result.loss
+            metrics.update({"train-loss": result.loss, "train-seconds": time.perf_counter() - start})
         if received_loss is not None:
             metrics[RECEIVED_EVAL_LOSS] = received_loss
         return Payload(arrays=to_weights(model), metrics=metrics)
@@ -125,22 +156,25 @@ def dp_train(site: Site, model: torch.nn.Module, setup: SiteSetup, *, server_rou
     """One round of node-level DP-SGD, checked against and charged to the site's ledger
     (refused with :class:`~fedspatial.shared.privacy.dp.PrivacyBudgetExceeded` past the budget)."""
     p, t = site.cfg.privacy, site.cfg.training
-    data = site.dp_graph_data(setup)
+    cell = resolved_encoder(site.cfg) == "cell"
+    data = training_data(site, setup) if cell else site.dp_graph_data(setup)
     ledger = site.ledger()
-    bound = NodeBound(ledger.degree_bound)
+    bound = NodeBound(0 if cell else ledger.degree_bound)  # a cell's own sample only, or its niche's reach
     plan_args: dict[str, Any] = {"batch_size": t.batch_size, "epochs": t.local_epochs, "max_grad_norm": p.max_grad_norm, "bound": bound}
     plan = plan_round(data.n_cells, **plan_args, node_noise_multiplier=ledger.node_noise_multiplier or p.noise_multiplier)
     if plan.node_noise_multiplier <= 0:  # calibrate once, for the whole run
         sigma = calibrate_noise(
             target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=plan.sample_rate,
             degree_bound=bound.degree_bound, steps=plan.steps * t.num_rounds, prior=ledger.history,
+            after=budget_plan(p).after_training(),  # the clustering and tables this run releases later
         )
         plan = plan_round(data.n_cells, **plan_args, node_noise_multiplier=sigma)
         logger.info("%s: node-level noise multiplier %.3f for epsilon %g over %d rounds", site.name, sigma, p.target_epsilon, t.num_rounds)
     ledger.node_noise_multiplier = plan.node_noise_multiplier
     try:
         ledger.check("dp-sgd", server_round, plan.node_noise_multiplier, plan.node_sample_rate, plan.steps,
-                     degree_bound=bound.degree_bound, ego_sample_rate=plan.sample_rate)
+                     degree_bound=bound.degree_bound, ego_sample_rate=plan.sample_rate,
+                     reserve=budget_plan(p).after_training())
     finally:
         site.save_ledger(ledger)
     result = dp_train_epochs(model, data, plan, lr=t.lr, weight_decay=t.weight_decay, grad_sample_mode=p.grad_sample_mode)

@@ -24,6 +24,7 @@ class Query(StrEnum):
     EMBED = "embed"
     HARMONY = "harmony"
     CLUSTER_STATS = "cluster_stats"
+    DP_CLUSTER_STATS = "dp_cluster_stats"
     MIXTURE = "mixture"
     FINALIZE = "finalize"
     CALIBRATION = "calibration"
