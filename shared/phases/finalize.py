@@ -36,7 +36,11 @@ from fedspatial.shared.evaluation.calibration import (
     merge_calibration_tables,
 )
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site
-from fedspatial.shared.phases.embedding import embedding_of, uncorrected_embedding
+from fedspatial.shared.phases.embedding import (
+    embedding_of,
+    per_cell_embedding_of,
+    uncorrected_embedding,
+)
 from fedspatial.shared.plots import domain_palette, plot_section_domains
 from fedspatial.shared.privacy.tables import label_vocabulary, private_tables, vocabulary_table
 from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
@@ -96,6 +100,11 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
     run_name = request.string("run-name", site.cfg.run_name)
     label_key, out_dir = site.cfg.data.label_key, site.output_dir
     private = site.cfg.privacy.local_dp
+    # Under local DP the released tables count each cell's own assignment (its per-cell
+    # embedding's nearest centroid): a smoothed or refined domain depends on the cell's
+    # neighbours, so one cell could move many entries and the table's sensitivity sqrt(2)
+    # would not hold. The smoothed, refined domains are written at the site only.
+    cell_labels = clustering.assign_clusters(per_cell_embedding_of(site.state), centroids)[0] if private else labels
     vocabulary = label_vocabulary([s.adata.obs[label_key] for s in site.sections if label_key in s.adata.obs]) if private else []
     report: dict[str, Any] = {"site": site.name, "sections": {}, "contingency": {}, "calibration": {}, "outputs": []}
     per_site: dict[str, list[metrics.Contingency]] = {}
@@ -123,7 +132,8 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
             entry["peak_rss_mb"] = peak_rss_mb()
         truth = section.adata.obs.get(label_key)
         if truth is not None and private:
-            per_site.setdefault(section.site, []).append(vocabulary_table(truth.to_numpy(), dom, vocabulary, len(centroids)))
+            own = cell_labels[start:stop]
+            per_site.setdefault(section.site, []).append(vocabulary_table(truth.to_numpy(), own, vocabulary, len(centroids)))
         elif truth is not None:
             entry.update(metrics.section_scores(truth.to_numpy(), dom))
             per_site.setdefault(section.site, []).append(metrics.contingency(truth.to_numpy(), dom))
@@ -139,7 +149,7 @@ def finalize_site(site: Site, request: Payload) -> tuple[dict[str, Any], np.ndar
         report["sections"][key] = entry
         report["outputs"] += [str(path), str(png)]
     merged_tables = {name: metrics.merge_contingency(tables) for name, tables in per_site.items()}
-    domain_counts = np.bincount(labels, minlength=len(centroids)).astype(np.int64)
+    domain_counts = np.bincount(cell_labels, minlength=len(centroids)).astype(np.int64)
     if private:  # one Gaussian mechanism over every table and the domain sizes, charged to the ledger
         merged_tables, domain_counts = private_tables(site, merged_tables, domain_counts)
         report["private-tables"] = "Gaussian mechanism, charged to the site's privacy ledger (dp-table)"
