@@ -11,13 +11,13 @@ ELU -> Linear`` back to the standardized features, as in :class:`GATAutoencoder`
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedspatial.shared.models.reconstruction import ReconstructionMixin
 
-class CellAutoencoder(nn.Module):
+
+class CellAutoencoder(ReconstructionMixin, nn.Module):
     """MLP autoencoder of a cell's feature vector; the neighbourhood is ignored.
 
     Parameters
@@ -87,35 +87,3 @@ class CellAutoencoder(nn.Module):
     def embed_graph(self, x: Tensor, edge_index: Tensor) -> Tensor:
         """Embed every node ``[N, F]`` -> ``[N, latent_dim]``; ``edge_index`` is ignored."""
         return self.encode(x)
-
-    def decode(self, z: Tensor, batch: Tensor | None = None) -> Tensor:
-        """Reconstruct features ``[B, latent_dim]`` -> ``[B, in_dim]``; ``batch`` ``[B]`` int64 codes."""
-        h = self.decoder_in(z)
-        if self.batch_in is not None and batch is not None:
-            h = h + self.batch_in(F.one_hot(batch, self.n_batches).to(h.dtype))
-        return self.decoder_out(F.elu(h))
-
-    def forward(self, x: Tensor, mask: Tensor, batch: Tensor | None = None) -> Tensor:
-        """Reconstruct the centre cell of each neighbourhood ``[B, 1 + k, F]`` -> ``[B, F]``."""
-        return self.decode(self.encode_ego(x, mask), batch)
-
-    def loss(self, x: Tensor, mask: Tensor, batch: Tensor | None = None) -> Tensor:
-        """Mean squared reconstruction error of each centre cell ``[B]`` (GATAutoencoder's form)."""
-        recon = self.forward(x, mask, batch)
-        return ((recon - x[:, 0]) ** 2).mean(dim=1)
-
-    def model_config(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "in_dim": self.in_dim,
-            "hidden_dim": self.hidden_dim,
-            "latent_dim": self.latent_dim,
-            "n_batches": self.n_batches,
-            "dropout": self.dropout,
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, "
-            f"latent_dim={self.latent_dim}, n_batches={self.n_batches})"
-        )

@@ -9,15 +9,14 @@ effects are explained there and the embedding keeps tissue structure.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedspatial.shared.models.neighbourhood_attention import NeighbourhoodAttention
+from fedspatial.shared.models.reconstruction import ReconstructionMixin
 
 
-class GATAutoencoder(nn.Module):
+class GATAutoencoder(ReconstructionMixin, nn.Module):
     """Attention autoencoder over fixed-size spatial neighbourhoods.
 
     Parameters
@@ -78,34 +77,4 @@ class GATAutoencoder(nn.Module):
 
     def embed_graph(self, x: Tensor, edge_index: Tensor) -> Tensor:
         return self._encode_hidden(self.attention(x, edge_index))
-
-    def decode(self, z: Tensor, batch: Tensor | None = None) -> Tensor:
-        h = self.decoder_in(z)
-        if self.batch_in is not None and batch is not None:
-            h = h + self.batch_in(F.one_hot(batch, self.n_batches).to(h.dtype))
-        return self.decoder_out(F.elu(h))
-
-    def forward(self, x: Tensor, mask: Tensor, batch: Tensor | None = None) -> Tensor:
-        """Reconstruct the centre cell of each neighbourhood ``[B, 1 + k, F]`` -> ``[B, F]``."""
-        return self.decode(self.encode_ego(x, mask), batch)
-
-    def loss(self, x: Tensor, mask: Tensor, batch: Tensor | None = None) -> Tensor:
-        recon = self.forward(x, mask, batch)
-        return ((recon - x[:, 0]) ** 2).mean(dim=1)
-
-    def model_config(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "in_dim": self.in_dim,
-            "hidden_dim": self.hidden_dim,
-            "latent_dim": self.latent_dim,
-            "n_batches": self.n_batches,
-            "dropout": self.dropout,
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, "
-            f"latent_dim={self.latent_dim}, n_batches={self.n_batches})"
-        )
 
