@@ -98,6 +98,8 @@ def _allowed_dims(run: Path, cfg: ExperimentConfig, extra: Iterable[int]) -> set
     dims |= {m["n-features-shared"] for m in report["mapped-panels"].values()}
     if "n-genes" in report.get("markers", {}):  # marker sums: domains x genes every section shares
         dims.add(report["markers"]["n-genes"])
+    # DP k-means' second release over-clusters by as many groups as the (public) noise allows
+    dims |= {int(h["centroids"]) for h in report.get("dp-kmeans-history", [])}
     if "temperature" in report.get("calibration", {}):  # the calibration loss: one sum per candidate temperature
         dims.add(len(TEMPERATURES))
     return dims | set(extra)
