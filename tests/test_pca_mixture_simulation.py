@@ -18,6 +18,9 @@ from fedspatial.simulation import simulate
 pytestmark = pytest.mark.flower
 
 
+# 67 s on 2 cores: in `make test-slow`; the default run checks the same phases' messages
+# (test_messages.py) and each phase against its pooled reference (unit tests).
+@pytest.mark.slow
 def test_pca_inputs_harmony_and_mixture_domains(tmp_path):
     spec = dataclasses.replace(SyntheticSpec(seed=5), spots_per_section=(150, 200), n_features=120)
     manifest = write_synthetic_federation(tmp_path / "data", spec)

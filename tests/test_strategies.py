@@ -315,6 +315,8 @@ def _run(manifest, results, name, client_app, *, top=80, hidden=32, latent=8, **
     return result, json.loads((results / name / "federated" / "metrics.json").read_text())
 
 
+# 26 s on 2 cores: in `make test-slow`; the robust aggregators are tested on arrays above.
+@pytest.mark.slow
 @pytest.mark.flower
 def test_median_trains_through_a_sign_flipped_site_drawing_4_of_5(tmp_path):
     """One of five sites sends ``g - 10 (w - g)``; 4 of the 5 sites are drawn each round
