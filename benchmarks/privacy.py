@@ -332,8 +332,17 @@ def markdown(result: dict[str, Any], total_s: float | None) -> str:
     by_engine = ", ".join(f"{k}: {_fmt(v, '.2f')}" for k, v in (timing.get("by_engine") or {}).items())
     lines += [f"- `dp_overhead` <= {MAX_OVERHEAD}: {_fmt(result.get('dp_overhead'), '.2f')} ({_met(t['dp_overhead']['met'])})"
               + (f"; by engine {by_engine}" if by_engine else "")
-              + (f"; setup {timing['setup']}" if timing.get("setup") else ""), ""]
+              + (f"; {_timing_setup(timing['setup'])}" if timing.get("setup") else ""), ""]
     return "\n".join(lines) + "\n"
+
+
+def _timing_setup(setup: dict[str, Any]) -> str:
+    """One sentence on what ``benchmarks/dp_timing.py`` timed (the JSON keeps every field)."""
+    steps = setup.get("steps_timed") or {}
+    return (f"timed on {setup.get('model', '?')} ({setup.get('n_features')} features, hidden {setup.get('hidden_dim')}, "
+            f"latent {setup.get('latent_dim')}), batch {setup.get('batch_size')}, {setup.get('n_cells')} cells, "
+            f"{setup.get('threads')} thread(s), each engine in its own process, median step time over "
+            f"{setup.get('repeats')} interleaved repeats ({max(steps.values(), default=0)} steps per engine)")
 
 
 # ----------------------------------------------------------------- main
