@@ -88,6 +88,17 @@ class ModelConfig:
     """Batch-aware decoder: the section's (or site's) identity enters the decoder only,
     never the embedding. Its per-batch weights are trained by the batch's own site
     (summed updates, not averaged)."""
+    init_from: str = ""
+    """Start from a trained model instead of a random one: a fedspatial model folder
+    (``<run>/<mode>/model``: ``model.safetensors`` + ``model.json``) on the server's disk,
+    never downloaded. Its encoder kind and sizes replace ``encoder``/``hidden-dim``/
+    ``latent-dim``, and its feature space (the genes and their standardization) replaces
+    federated feature selection: the sites must hold every gene it was built on."""
+    fine_tune: Literal["all", "last"] = "all"
+    """With ``init-from``: "all" trains every weight; "last" only the encoder's last layer
+    (``to_latent``, hidden-dim x latent-dim + latent-dim weights), the rest stays as loaded:
+    far less DP-SGD noise in total under privacy.local-dp (public pretraining, private
+    fine-tuning)."""
 
 
 @dataclass
@@ -347,6 +358,11 @@ def validate(cfg: ExperimentConfig) -> None:
         _at_least(cfg, "model.hidden-dim", 1),
         _at_least(cfg, "model.latent-dim", 1),
         (0 <= cfg.model.dropout < 1, "model.dropout: must be in [0, 1)"),
+        (
+            cfg.model.fine_tune == "all" or bool(cfg.model.init_from),
+            "model.fine-tune: 'last' trains only the last layer of a model loaded with model.init-from; "
+            "set model.init-from to a trained model folder, or fine-tune: all",
+        ),
         _at_least(cfg, "training.num-rounds", 1),
         _at_least(cfg, "training.local-epochs", 1),
         _at_least(cfg, "training.batch-size", 1),

@@ -12,6 +12,11 @@ clipped values, charged once to its ledger, kept in its state), and under local 
 each of its sections is centred by that release's section mean
 (:func:`section_centres`), so that a cell's model input depends only on its own counts
 and released statistics.
+
+With ``model.init-from`` the loaded model's feature space is the run's (its genes and
+standardization; :mod:`fedspatial.shared.storage.pretrained`): nothing is selected and no
+statistics are asked for here; under local DP each site still releases its section means
+(charged) when it prepares its inputs.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from fedspatial.shared.protocol.feature_space import (
 )
 from fedspatial.shared.protocol.names import NUM_EXAMPLES, Query
 from fedspatial.shared.protocol.payload import Payload
+from fedspatial.shared.storage.pretrained import pretrained_space, read_pretrained
 
 if TYPE_CHECKING:
     from fedspatial.shared.data.sections import SiteSection
@@ -128,6 +134,9 @@ class FeatureSpacePhase(Phase):
         run.plan = plan
         if run.checkpoint is not None:
             space = feature_space_from_config(run.checkpoint.state["feature-space"])
+        elif cfg.model.init_from:  # the loaded model's genes: no selection, nothing asked here
+            space = pretrained_space(read_pretrained(cfg), cfg, features)
+            logger.info("feature space: the %d features of %s", len(space.selected), cfg.model.init_from)
         else:
             holders = section_sites(run)
             stats = federated_feature_stats(

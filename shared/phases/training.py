@@ -1,10 +1,12 @@
 """Phase ``training``: federated training of the spatial encoder.
 
-Server half: build the model (or take it from the checkpoint of an interrupted run),
+Server half: build the model (or load ``model.init-from``, or take it from the checkpoint
+of an interrupted run),
 run the training rounds through the federation's strategy (FedAvg weighted by cells;
 central DP and SecAgg+ wrappers when configured; checkpoint after every round), and
 save the final global model. Site half: Flower's ``train`` message (local epochs from
-the global weights; DP-SGD charged to the site's ledger under ``privacy.local-dp``) and
+the global weights; DP-SGD charged to the site's ledger under ``privacy.local-dp``; with
+``model.fine-tune: last`` only the encoder's last layer trains) and
 ``evaluate`` (reconstruction loss on the site's cells). The server asks for that loss within
 ``train`` instead (:data:`~fedspatial.shared.protocol.names.EVALUATE_RECEIVED`): the loss of
 the model a round starts from is the previous round's evaluation, so a round is one message,
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedspatial.shared.config import ExperimentConfig
+from fedspatial.shared.config import ConfigError, ExperimentConfig
 from fedspatial.shared.models import CellAutoencoder, GATAutoencoder, build_model
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site, Weights
 from fedspatial.shared.phases.setup import SiteSetup
@@ -42,6 +44,7 @@ from fedspatial.shared.protocol.names import (
 )
 from fedspatial.shared.protocol.payload import Payload
 from fedspatial.shared.storage.checkpoint import save_checkpoint
+from fedspatial.shared.storage.pretrained import read_pretrained
 from fedspatial.shared.training.loop import (
     GraphData,
     TrainResult,
@@ -80,6 +83,41 @@ def training_data(site: Site, setup: SiteSetup) -> GraphData:
     return per_cell_data(data)
 
 
+def pretrained_start(cfg: ExperimentConfig, run: Run) -> tuple[Weights, dict[str, Any]]:
+    """The weights and model arguments of ``model.init-from``, checked against the run's
+    inputs (the feature phase took its feature space) and batches."""
+    pre = read_pretrained(cfg)
+    config = pre.model_config
+    if int(config["in_dim"]) != run.in_dim:
+        raise ConfigError(f"model.init-from: {pre.path} reads {config['in_dim']} features, this run's inputs have {run.in_dim}")
+    if int(config.get("n_batches", 0)) not in (0, len(run.batches)):
+        raise ConfigError(
+            f"model.init-from: {pre.path} decodes {config['n_batches']} batches, this run has {len(run.batches)}: "
+            "set model.batch to match, or start from a model trained with model.batch: none"
+        )
+    logger.info(
+        "starting from %s (%s, hidden %s, latent %s); fine-tuning %s",
+        pre.path, config["kind"], config["hidden_dim"], config["latent_dim"], cfg.model.fine_tune,
+    )
+    run.report.update({"init-from": str(pre.path), "fine-tune": cfg.model.fine_tune})
+    return dict(pre.weights), config
+
+
+FINE_TUNED_LAYER = "to_latent"
+"""The layer ``model.fine-tune: last`` trains: the encoder's last (both encoders have it)."""
+
+
+def freeze_for_fine_tuning(model: torch.nn.Module, part: str) -> None:
+    """``part`` "last": every parameter but :data:`FINE_TUNED_LAYER`'s stops taking
+    gradients (the optimizers and DP-SGD's clipping then skip them); "all": nothing."""
+    if part == "all":
+        return
+    if not any(name.startswith(FINE_TUNED_LAYER + ".") for name, _ in model.named_parameters()):
+        raise ValueError(f"{type(model).__name__} has no {FINE_TUNED_LAYER!r} layer to fine-tune")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(FINE_TUNED_LAYER + "."))
+
+
 def model_from(request: Payload) -> torch.nn.Module:
     """The model a ``train``/``evaluate``/``embed`` message carries (config + weights)."""
     model = build_model(json.loads(request.string("model-config")))
@@ -94,9 +132,14 @@ class Training(Phase):
     def run(self, fed: Federation, run: Run) -> None:
         cfg = run.cfg
         torch.manual_seed(cfg.seed)
-        model = new_model(cfg, run.in_dim, len(run.batches))
-        run.model_config = model.model_config()
-        initial, done, history = to_weights(model), 0, []
+        if cfg.model.init_from:
+            initial, run.model_config = pretrained_start(cfg, run)
+        else:
+            model = new_model(cfg, run.in_dim, len(run.batches))
+            run.model_config = model.model_config()
+            initial = to_weights(model)
+        done: int = 0
+        history: list[Any] = []
         if run.checkpoint is not None:
             initial, done, history = run.checkpoint.weights, run.checkpoint.round, run.checkpoint.state["history"]
             logger.info("resuming after round %d of %d", done, cfg.training.num_rounds)
@@ -123,6 +166,7 @@ class Training(Phase):
         received_loss = None
         if request.number(EVALUATE_RECEIVED, 0) and not site.cfg.privacy.local_dp:  # an unprivatized statistic
             received_loss = evaluate_loss(model, training_data(site, setup))  # before training changes the model
+        freeze_for_fine_tuning(model, site.cfg.model.fine_tune)
         server_round = int(request.number("server-round", 0))
         seed = site.round_seed(int(request.number("seed", 0)), server_round)
         if site.cfg.privacy.local_dp:
