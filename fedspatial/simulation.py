@@ -304,9 +304,10 @@ def simulate(
     run_dir = (Path(cfg.results_dir) / cfg.run_name).resolve()
     refuse_existing_run(run_dir, resume=resume)
     if cfg.model.init_from:  # a missing or unfit model stops the run before anything starts
+        from fedspatial.shared.phases.training import resolved_encoder
         from fedspatial.shared.storage.pretrained import read_pretrained
 
-        read_pretrained(cfg)
+        read_pretrained(cfg, encoder=resolved_encoder(cfg))
     manifest_path = ensure_federation(cfg) if federation is None else None
     if target.address is not None:
         nodes = read_manifest(manifest_path)["nodes"] if manifest_path is not None else federation_nodes(federation)

@@ -89,16 +89,12 @@ class ModelConfig:
     never the embedding. Its per-batch weights are trained by the batch's own site
     (summed updates, not averaged)."""
     init_from: str = ""
-    """Start from a trained model instead of a random one: a fedspatial model folder
-    (``<run>/<mode>/model``: ``model.safetensors`` + ``model.json``) on the server's disk,
-    never downloaded. Its encoder kind and sizes replace ``encoder``/``hidden-dim``/
-    ``latent-dim``, and its feature space (the genes and their standardization) replaces
-    federated feature selection: the sites must hold every gene it was built on."""
+    """Start from a trained model folder (``<run>/<mode>/model``) on the server's disk: its
+    encoder kind, sizes and feature space (genes, standardization; every site must hold
+    those genes) replace these settings and feature selection (shared/storage/pretrained.py)."""
     fine_tune: Literal["all", "last"] = "all"
-    """With ``init-from``: "all" trains every weight; "last" only the encoder's last layer
-    (``to_latent``, hidden-dim x latent-dim + latent-dim weights), the rest stays as loaded:
-    far less DP-SGD noise in total under privacy.local-dp (public pretraining, private
-    fine-tuning)."""
+    """With ``init-from``: "last" trains only the encoder's last layer (``to_latent``), the
+    rest stays as loaded: far less DP-SGD noise under privacy.local-dp; "all": every weight."""
 
 
 @dataclass

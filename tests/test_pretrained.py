@@ -55,7 +55,7 @@ def test_fine_tune_last_needs_a_model_to_start_from():
 
 def test_a_folder_without_a_model_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"holds no fedspatial model.*federated/model"):
-        read_pretrained(_cfg(model={"init-from": str(tmp_path)}))
+        read_pretrained(_cfg(model={"init-from": str(tmp_path)}), encoder="gat")
 
 
 def _space(shared: list[str]) -> FeatureSpace:
@@ -69,9 +69,9 @@ def test_a_model_of_the_other_encoder_kind_is_refused(tmp_path):
     model = CellAutoencoder(3, 4, 2)
     save_checkpoint(tmp_path, model.state_dict(), {"model": model.model_config(),
                                                     "feature-space": feature_space_to_config(_space(list("abcdef")))})
-    assert read_pretrained(_cfg(model={"init-from": str(tmp_path), "encoder": "cell"})).model_config["in_dim"] == 3
+    assert read_pretrained(_cfg(model={"init-from": str(tmp_path)}), encoder="cell").model_config["in_dim"] == 3
     with pytest.raises(ConfigError, match=r"holds a cell_autoencoder.*encoder is 'gat'"):
-        read_pretrained(_cfg(model={"init-from": str(tmp_path)}))  # auto = gat without local DP
+        read_pretrained(_cfg(model={"init-from": str(tmp_path)}), encoder="gat")
 
 
 def test_the_sites_must_hold_every_gene_of_the_loaded_space(tmp_path):

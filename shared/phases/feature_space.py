@@ -44,6 +44,7 @@ from fedspatial.shared.features.selection import (
 )
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site
 from fedspatial.shared.phases.setup import SiteSetup, store_setup
+from fedspatial.shared.phases.training import resolved_encoder
 from fedspatial.shared.privacy.budget import budget_plan
 from fedspatial.shared.privacy.feature_release import (
     FeatureRelease,
@@ -135,7 +136,7 @@ class FeatureSpacePhase(Phase):
         if run.checkpoint is not None:
             space = feature_space_from_config(run.checkpoint.state["feature-space"])
         elif cfg.model.init_from:  # the loaded model's genes: no selection, nothing asked here
-            space = pretrained_space(read_pretrained(cfg), cfg, features)
+            space = pretrained_space(read_pretrained(cfg, encoder=resolved_encoder(cfg)), cfg, features)
             logger.info("feature space: the %d features of %s", len(space.selected), cfg.model.init_from)
         else:
             holders = section_sites(run)

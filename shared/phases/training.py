@@ -86,7 +86,7 @@ def training_data(site: Site, setup: SiteSetup) -> GraphData:
 def pretrained_start(cfg: ExperimentConfig, run: Run) -> tuple[Weights, dict[str, Any]]:
     """The weights and model arguments of ``model.init-from``, checked against the run's
     inputs (the feature phase took its feature space) and batches."""
-    pre = read_pretrained(cfg)
+    pre = read_pretrained(cfg, encoder=resolved_encoder(cfg))
     config = pre.model_config
     if int(config["in_dim"]) != run.in_dim:
         raise ConfigError(f"model.init-from: {pre.path} reads {config['in_dim']} features, this run's inputs have {run.in_dim}")

@@ -56,9 +56,10 @@ class Pretrained:
     space: FeatureSpace
 
 
-def read_pretrained(cfg: ExperimentConfig) -> Pretrained:
-    """Load ``cfg.model.init-from`` and check it fits the run (encoder kind, batches);
-    :class:`ConfigError` naming the fix otherwise."""
+def read_pretrained(cfg: ExperimentConfig, *, encoder: str) -> Pretrained:
+    """Load ``cfg.model.init-from`` and check it fits the run: ``encoder`` is the run's
+    resolved ``model.encoder`` ("cell" or "gat"), and the batches; :class:`ConfigError`
+    naming the fix otherwise."""
     path = Path(cfg.model.init_from).expanduser()
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise ConfigError(
@@ -72,14 +73,11 @@ def read_pretrained(cfg: ExperimentConfig) -> Pretrained:
     if "feature-space" not in config:
         raise ConfigError(f"model.init-from: {path}/{CONFIG} has no feature space: use the model folder of a finished run")
     model_config = dict(config["model"])
-    from fedspatial.shared.phases.training import resolved_encoder  # the phase owns "auto"
-
-    encoder = resolved_encoder(cfg)
     if model_config.get("kind") != KINDS[encoder]:
         raise ConfigError(
             f"model.init-from: {path} holds a {model_config.get('kind')}, but this run's encoder is {encoder!r} "
             f"({KINDS[encoder]}; model.encoder: {cfg.model.encoder}"
-            + (", which is 'cell' under privacy.local-dp" if cfg.model.encoder == "auto" else "")
+            + (": 'cell' under privacy.local-dp, else 'gat'" if cfg.model.encoder == "auto" else "")
             + "): start from a model of that kind, or set model.encoder to match"
         )
     if int(model_config.get("n_batches", 0)) and cfg.model.batch == "none":
