@@ -4,9 +4,10 @@ its inputs live in.
 The folder is a fedspatial model folder (``<run>/<mode>/model``, written by
 :func:`~fedspatial.shared.storage.checkpoint.save_checkpoint`): the weights, the model's
 arguments and the feature space of the run that trained it. Everything is checked here,
-on the server, before any site is asked anything: a missing folder, a folder without a
-feature space, an encoder of the wrong kind or genes a site does not hold each stop the
-run with a message that says what to change.
+on the server, before training: a missing folder, a folder without a feature space or an
+encoder of the wrong kind (before a simulation starts at all), genes a site does not hold
+(once the sites have described their sections) each stop the run with a message that
+says what to change.
 """
 
 from __future__ import annotations
