@@ -24,6 +24,7 @@ from fedspatial.shared.privacy.tables import (
     vocabulary_table,
 )
 from fedspatial.shared.protocol.names import Query
+from fedspatial.shared.protocol.payload import Payload
 
 
 def _site(tmp_path: Path, epsilon: float = 8.0, budget: float | None = None) -> SimpleNamespace:
@@ -123,3 +124,53 @@ def test_every_query_is_noised_or_metadata_under_local_dp() -> None:
     refused = {q.value for q in Query} - answered
     assert {"evaluate", "cluster_stats", "harmony", "mixture", "pca", "panel", "calibration", "markers"} <= refused
     assert all(unnoised(q, plain) for q in ("train", "finalize", "feature_stats", "dp_cluster_stats"))
+
+
+def test_released_tables_count_each_cells_own_assignment_not_its_smoothed_domain(tmp_path: Path, monkeypatch) -> None:
+    """Under local DP the label x domain table and the domain counts that leave the site
+    are built from each cell's per-cell embedding alone (nearest centroid), never from the
+    smoothed, refined domains written at the site: those depend on the neighbours, so one
+    cell could move many entries and the sqrt(2) sensitivity would not hold."""
+    import anndata as ad
+    import torch
+
+    from fedspatial.shared.phases import finalize
+    from fedspatial.shared.phases.embedding import store_embedding
+
+    n = 40
+    rng = np.random.default_rng(0)
+    own = rng.integers(0, 2, n)  # each cell's own side
+    centroids = np.eye(2)
+    per_cell = np.where(own[:, None] == 1, [0.1, 1.0], [1.0, 0.1])
+    per_cell /= np.linalg.norm(per_cell, axis=1, keepdims=True)
+    smoothed = np.tile([1.0, 0.0], (n, 1))  # the niche pulls every cell to domain 0
+    truth = np.where(rng.random(n) < 0.8, own, 1 - own).astype(str)
+    adata = ad.AnnData(
+        np.ones((n, 3), np.float32),
+        obs=pd.DataFrame({"domain": truth}, index=[f"c{i}" for i in range(n)]),
+        obsm={"spatial": rng.random((n, 2))},
+    )
+    site = _site(tmp_path)
+    site.sections = [SimpleNamespace(adata=adata, site="a", name="s1", key="a/s1")]
+    store_embedding(site.state, smoothed, per_cell=per_cell)
+    neighbors = torch.tensor([[(i + 1) % n, (i - 1) % n] for i in range(n)])
+    site.setup = lambda: None
+    site.graph_data = lambda setup: SimpleNamespace(neighbors=neighbors, sections=[("a/s1", 0, n)])
+    monkeypatch.setattr(finalize, "features_used", lambda section, setup: {})
+    released: dict[str, object] = {}
+
+    def capture(site_, tables, counts, **_):
+        released.update(tables=tables, counts=counts)
+        return tables, counts
+
+    monkeypatch.setattr(finalize, "private_tables", capture)
+    request = Payload(arrays={"centroids": centroids}, config={"mixture": "none", "variance": 0.1, "refine": True})
+    finalize.finalize_site(site, request)
+
+    assert np.array_equal(released["counts"], np.bincount(own, minlength=2))
+    table = released["tables"]["a"]
+    for label in ("0", "1"):
+        row = table.counts[table.labels.index(label)]
+        assert np.array_equal(row, np.bincount(own[truth == label], minlength=2)), label
+    written = ad.read_h5ad(tmp_path / "a__s1.h5ad").obs["fedspatial_domain"].astype(int).to_numpy()
+    assert (written == 0).all() and own.any()  # the site keeps its smoothed domains; the release does not use them
