@@ -23,6 +23,7 @@ import numpy as np
 
 from fedspatial.shared.config import ConfigError, ExperimentConfig
 from fedspatial.shared.features.selection import FeatureSpace
+from fedspatial.shared.models import CellAutoencoder, GATAutoencoder
 from fedspatial.shared.privacy.feature_release import release_bounds
 from fedspatial.shared.protocol.feature_space import feature_space_from_config
 from fedspatial.shared.storage.checkpoint import CONFIG, WEIGHTS, load_checkpoint
@@ -31,7 +32,7 @@ __all__ = ["KINDS", "Pretrained", "pretrained_space", "read_pretrained"]
 
 logger = logging.getLogger(__name__)
 
-KINDS = {"cell": "cell_autoencoder", "gat": "gat_autoencoder"}
+KINDS = {"cell": CellAutoencoder.kind, "gat": GATAutoencoder.kind}
 """``model.encoder`` (resolved) -> the ``kind`` a loaded model must have."""
 
 
