@@ -261,7 +261,7 @@ class SiteRuntime:
         if setup.model_key not in self._model_graph:
             base = self.feature_graph_data(setup)
             x = torch.from_numpy(setup.pca.transform(base.x.numpy()))
-            self._model_graph = {setup.model_key: GraphData(x, base.neighbors, base.sections, base.batch)}
+            self._model_graph = {setup.model_key: GraphData(x, base.neighbors, base.sections, base.batch, base.coords)}
         return self._model_graph[setup.model_key]
 
     def _mapped_graph_data(self, setup: SiteSetup) -> GraphData:

@@ -85,7 +85,7 @@ def prepare_graph_data(
     centre each section by the given (released) mean instead of its own cells' and
     scale by the federation's std (local DP; see :func:`section_features`).
     """
-    xs, nbrs, ranges = [], [], []
+    xs, nbrs, ranges, points = [], [], [], []
     offset = 0
     width = None
     for section in sections:
@@ -102,6 +102,7 @@ def prepare_graph_data(
         width = nbr.shape[1] if width is None else max(width, nbr.shape[1])
         nbrs.append(np.where(nbr >= 0, nbr + offset, -1))
         xs.append(x)
+        points.append(coords)
         ranges.append((section.key, offset, offset + len(x)))
         offset += len(x)
     padded = [np.pad(n, ((0, 0), (0, width - n.shape[1])), constant_values=-1) for n in nbrs]
@@ -116,6 +117,7 @@ def prepare_graph_data(
         neighbors=torch.from_numpy(np.concatenate(padded).astype(np.int64, copy=False)),
         sections=ranges,
         batch=batch,
+        coords=torch.from_numpy(np.concatenate(points)) if points else None,
     )
 
 

@@ -31,12 +31,15 @@ class GraphData:
         ``(name, start, stop)`` row range of each section.
     batch
         ``[N]`` int64 batch code of each cell (for a batch-aware decoder), or None.
+    coords
+        ``[N, 2]`` float64 spatial coordinates (edge lengths of novae's niches), or None.
     """
 
     x: Tensor
     neighbors: Tensor
     sections: list[tuple[str, int, int]] = field(default_factory=list)
     batch: Tensor | None = None
+    coords: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2 or self.neighbors.ndim != 2 or len(self.x) != len(self.neighbors):
@@ -75,7 +78,7 @@ def per_cell_data(data: GraphData) -> GraphData:
     without neighbours a training sample holds one cell's data only (DP-SGD's sensitivity
     is then ``C``: no group factor). Shares ``x`` and ``batch`` with ``data`` (no copy).
     """
-    return GraphData(data.x, data.neighbors.new_empty((data.n_cells, 0)), list(data.sections), data.batch)
+    return GraphData(data.x, data.neighbors.new_empty((data.n_cells, 0)), list(data.sections), data.batch, data.coords)
 
 
 @dataclass
