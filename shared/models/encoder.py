@@ -40,8 +40,11 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     """Rebuild a model from :meth:`SpatialEncoderModel.model_config`."""
     from fedspatial.shared.models.cell_autoencoder import CellAutoencoder
     from fedspatial.shared.models.gat_autoencoder import GATAutoencoder
+    from fedspatial.shared.models.novae_encoder import NovaeEncoder
 
-    kinds: dict[str, type[nn.Module]] = {"gat_autoencoder": GATAutoencoder, "cell_autoencoder": CellAutoencoder}
+    kinds: dict[str, type[nn.Module]] = {
+        "gat_autoencoder": GATAutoencoder, "cell_autoencoder": CellAutoencoder, "novae": NovaeEncoder,
+    }
     cfg = dict(config)
     kind = cfg.pop("kind", "gat_autoencoder")
     if kind not in kinds:
