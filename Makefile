@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-deploy test-slow lint bench clean
+.PHONY: install install-fm demo test test-deploy test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The optional foundation-model encoder (model.encoder: novae) for a user install; `make install`
+# already brings it, since its tests are part of the test suite.
+install-fm: $(STAMP)
+	$(PIP) install --quiet -e ".[fm]"
 
 demo: $(STAMP)
 	$(VENV)/bin/fedspatial simulate configs/demo.yaml --run-name demo-$$(date +%Y%m%d-%H%M%S)

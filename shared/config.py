@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from fedspatial.shared.model_config import ModelConfig, NovaeConfig, novae_checks
 from fedspatial.shared.privacy.checks import privacy_checks
 from fedspatial.shared.protocol.result_line import RUN_NAME_RULE, is_valid_run_name
 from fedspatial.shared.storage.hints import did_you_mean
@@ -73,28 +74,6 @@ class GraphConfig:
     n_neighbors: int = 6
     radius: float = 0.0
     """Radius in coordinate units for graph: radius (0: unused)."""
-
-
-@dataclass
-class ModelConfig:
-    encoder: Literal["auto", "gat", "cell"] = "auto"
-    """"gat": graph-attention autoencoder over each cell's niche; "cell": per-cell
-    autoencoder (the niche enters after training, by smoothing the embedding at the site),
-    which DP-SGD can train per cell; "auto": "cell" under privacy.local-dp, else "gat"."""
-    hidden_dim: int = 128
-    latent_dim: int = 32
-    dropout: float = 0.0
-    batch: Literal["none", "section", "site"] = "none"
-    """Batch-aware decoder: the section's (or site's) identity enters the decoder only,
-    never the embedding. Its per-batch weights are trained by the batch's own site
-    (summed updates, not averaged)."""
-    init_from: str = ""
-    """Start from a trained model folder (``<run>/<mode>/model``) on the server's disk: its
-    encoder kind, sizes and feature space (genes, standardization; every site must hold
-    those genes) replace these settings and feature selection (shared/storage/pretrained.py)."""
-    fine_tune: Literal["all", "last"] = "all"
-    """With ``init-from``: "last" trains only the encoder's last layer (``to_latent``), the
-    rest stays as loaded: far less DP-SGD noise under privacy.local-dp; "all": every weight."""
 
 
 @dataclass
@@ -250,6 +229,7 @@ class ExperimentConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     neighbors: GraphConfig = field(default_factory=GraphConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    novae: NovaeConfig = field(default_factory=NovaeConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -390,6 +370,7 @@ def validate(cfg: ExperimentConfig) -> None:
             "features.n-top-features",
         ),
         *privacy_checks(cfg),
+        *novae_checks(cfg),
         _at_least(cfg, "markers.marker-plot-genes", 1),
         _at_least(cfg, "simulation.num-cpus", 1),
         _at_least(cfg, "simulation.cpus-per-client", 1),

@@ -11,7 +11,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+import fedspatial.shared.phases.novae_training as novae_training
 from fedspatial.shared.algorithms import kmeans as clustering
+from fedspatial.shared.models.novae_encoder import NovaeEncoder
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site, SiteState
 from fedspatial.shared.phases.training import model_from, resolved_encoder, training_data
 from fedspatial.shared.protocol.names import (
@@ -89,11 +91,18 @@ class Embedding(Phase):
 
     def answer(self, site: Site, query: str, request: Payload) -> Payload:
         setup = site.setup()
-        model, data = model_from(request), training_data(site, setup)
+        model = model_from(request)
+        evaluate = bool(request.number(EVALUATE_RECEIVED, 0)) and not site.cfg.privacy.local_dp  # an unprivatized statistic
         metrics: dict[str, int | float] = {NUM_EXAMPLES: site.n_cells}
-        if request.number(EVALUATE_RECEIVED, 0) and not site.cfg.privacy.local_dp:  # an unprivatized statistic
-            metrics[RECEIVED_EVAL_LOSS] = evaluate_loss(model, data)
-        z = embed(model, data)
+        if isinstance(model, NovaeEncoder):
+            if evaluate:
+                metrics[RECEIVED_EVAL_LOSS] = novae_training.eval_loss(site, model)
+            z = novae_training.embed_cells(site, model)
+        else:
+            data = training_data(site, setup)
+            if evaluate:
+                metrics[RECEIVED_EVAL_LOSS] = evaluate_loss(model, data)
+            z = embed(model, data)
         if resolved_encoder(site.cfg) == "cell":  # the niche enters here, at the site, after training
             from fedspatial.shared.algorithms.smoothing import (
                 smooth_embedding,  # TEMP lazy until it lands

@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+import fedspatial.shared.phases.novae_training as novae_training
 from fedspatial.shared.config import ConfigError, ExperimentConfig
 from fedspatial.shared.models import CellAutoencoder, GATAutoencoder, build_model
+from fedspatial.shared.models.novae_encoder import NovaeEncoder
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site, Weights
 from fedspatial.shared.phases.setup import SiteSetup
 from fedspatial.shared.privacy.budget import budget_plan
@@ -135,7 +137,9 @@ class Training(Phase):
         if cfg.model.init_from:
             initial, run.model_config = pretrained_start(cfg, run)
         else:
-            model = new_model(cfg, run.in_dim, len(run.batches))
+            assert run.space is not None
+            model = (novae_training.novae_model(cfg, run.space.selected) if resolved_encoder(cfg) == "novae"
+                     else new_model(cfg, run.in_dim, len(run.batches)))
             run.model_config = model.model_config()
             initial = to_weights(model)
         done: int = 0
@@ -151,11 +155,17 @@ class Training(Phase):
             {k: torch.from_numpy(np.array(v, copy=True)) for k, v in outcome.weights.items()},
             {"model": run.model_config, "feature-space": feature_space_to_config(run.space), "run-config": run.run_config},
         )
+        if run.model_config.get("kind") == NovaeEncoder.kind:  # the same folder opens with novae.Novae.from_pretrained
+            from fedspatial.shared.storage.novae_folder import write_novae_config
+
+            write_novae_config(run.folder / "model", run.model_config)
         run.report["train-seconds"] = time.perf_counter() - run.started  # setup included
         run.report["model-parameters"] = int(sum(np.prod(v.shape) for v in outcome.weights.values()))
 
     def answer(self, site: Site, query: str, request: Payload) -> Payload:
         model = model_from(request)
+        if isinstance(model, NovaeEncoder):
+            return self._answer_novae(site, query, request, model)
         setup = site.setup()
         if query == Query.EVALUATE:
             if site.cfg.privacy.local_dp:  # the site's own check, whatever the server asks
@@ -194,6 +204,18 @@ class Training(Phase):
         if received_loss is not None:
             metrics[RECEIVED_EVAL_LOSS] = received_loss
         return Payload(arrays=to_weights(model), metrics=metrics)
+
+    def _answer_novae(self, site: Site, query: str, request: Payload, model: NovaeEncoder) -> Payload:
+        if site.cfg.privacy.local_dp:  # the site's own check: config validation refuses this combination too
+            raise PermissionError(f"{site.name}: model.encoder 'novae' has no DP training; the site runs privacy.local-dp")
+        if query == Query.EVALUATE:
+            loss = novae_training.eval_loss(site, model)
+            return Payload(metrics={NUM_EXAMPLES: site.n_cells, "unit-weight": 1.0, "eval-loss": loss})
+        server_round = int(request.number("server-round", 0))
+        return novae_training.train_answer(
+            site, model, server_round=server_round, seed=site.round_seed(int(request.number("seed", 0)), server_round),
+            evaluate_first=bool(request.number(EVALUATE_RECEIVED, 0)),
+        )
 
 
 def dp_train(site: Site, model: torch.nn.Module, setup: SiteSetup, *, server_round: int) -> TrainResult:
