@@ -5,12 +5,14 @@ shapes, feature counts, components, domains, Harmony's clusters, batches and blo
 none may equal a site's or a section's cell count; every config entry must be small and
 hold no list as long as a cell count. Two runs cover every phase and every protection:
 PCA + a small-panel site + Harmony + a mixture with two starts + SecAgg+, and local DP
-(noised feature statistics, DP-SGD) + SecAgg+ with client-side central DP.
+(noised feature statistics, DP-SGD) + SecAgg+ with client-side central DP. A third run
+pretrains the Novae encoder (``model.encoder: novae``, needs ``fedspatial[fm]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from collections.abc import Iterable
@@ -40,9 +42,9 @@ def messages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[Message], list[
     seen: list[tuple[list[Message], list[Message]]] = []
     original = messaging.SiteGroup.send_and_receive
 
-    def recording(self: Any, msgs: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        msgs = list(msgs)
-        replies = original(self, msgs, timeout=timeout)
+    def recording(self: Any, *args: Any, **kwargs: Any) -> list[Message]:
+        msgs = list(args[0] if args else kwargs.pop("messages"))  # Flower's strategies pass messages=
+        replies = original(self, msgs, **kwargs)
         seen.append((msgs, replies))
         return replies
 
@@ -90,7 +92,7 @@ def _allowed_dims(run: Path, cfg: ExperimentConfig, extra: Iterable[int]) -> set
     from fedspatial.shared.storage.checkpoint import load_checkpoint
 
     weights, _ = load_checkpoint(run / "model")
-    dims = {1, cfg.clustering.n_domains, model["in_dim"], model["hidden_dim"], model["latent_dim"]}
+    dims = {1, cfg.clustering.n_domains, *(model[k] for k in ("in_dim", "hidden_dim", "latent_dim") if k in model)}
     dims |= {d for t in weights.state_dict().values() for d in t.shape}
     dims |= {report["n-features-shared"], report["n-features-selected"]}
     if cfg.features.n_pcs:
@@ -219,3 +221,34 @@ def test_local_dp_with_secure_aggregation_and_client_side_dp(tmp_path: Path, mes
     # ... and finalize sent no per-confidence-bin tables (finer than the contingency table).
     assert "before" not in report.get("calibration", {})
     assert not (run / "markers.csv").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("novae") is None, reason="needs novae (pip install 'fedspatial[fm]')")
+def test_novae_pretraining(tmp_path: Path, messages: list) -> None:
+    """Three hospitals pretrain a small Novae encoder: the replies hold model weights of the
+    model's own shapes and never novae's per-slide queue, the rounds weigh the sites by
+    the niche pairs they trained, and the model folder opens with novae itself."""
+    import novae
+    from safetensors.numpy import load_file
+
+    manifest, cells = _federation(tmp_path / "data", small_panel=False)
+    cfg = _config(
+        manifest, tmp_path, "fm", model={"encoder": "novae"},
+        novae={"novae-local-steps": 2, "novae-batch-size": 24, "novae-prototypes": 20},
+    )
+    simulate(cfg)
+    run = tmp_path / "fm" / "federated"
+    types = _inspect(messages, cells, _allowed_dims(run, cfg, []))
+    assert {"train", "query.embed", "query.finalize"} <= types
+    sent_keys = {key for _, replies in messages for r in replies if not r.has_error()
+                 for record in r.content.array_records.values() for key in record}
+    assert "encoder.gnn.convs.0.att" in sent_keys and "swav_head.queue" not in sent_keys
+    report = json.loads((run / "metrics.json").read_text())
+    assert all(site["num-examples"] == 2 * 24 and site["train-steps"] == 2
+               for record in report["rounds"] for site in record["sites"].values())
+    assert 0 <= report["joint"]["ari"] <= 1
+    saved = json.loads((run / "model" / "model.json").read_text())["model"]
+    assert saved["kind"] == "novae" and len(saved["genes"]) == report["n-features-selected"] == 48
+    assert "swav_head.queue" not in load_file(str(run / "model" / "model.safetensors"))
+    opened = novae.Novae.from_pretrained(str(run / "model"))
+    assert opened.cell_embedder.gene_names == saved["genes"] and opened.hparams.num_prototypes == 20
