@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from fedspatial.shared.config import ExperimentConfig
 
-__all__ = ["ModelConfig", "NovaeConfig", "novae_checks"]
+__all__ = ["ModelConfig", "NovaeConfig", "novae_checks", "novae_embedding_size"]
+
+
+def novae_embedding_size(cfg: ExperimentConfig) -> int:
+    """The Novae encoder's gene-embedding size: ``novae-embedding-size``, or the preset's."""
+    from fedspatial.shared.models.novae_encoder import PRESETS
+
+    return cfg.novae.novae_embedding_size or PRESETS[cfg.novae.novae_preset]["embedding_size"]
 
 
 @dataclass
@@ -46,6 +53,9 @@ class NovaeConfig:
     federated default for CPUs) or "full" (novae's own: 10 layers, width 128, 8 heads, 512)."""
     novae_prototypes: int = 0
     """SwAV prototypes; 0: the preset's."""
+    novae_embedding_size: int = 0
+    """Gene-embedding (cell token) size; 0: the preset's (100, novae's). The gene embeddings
+    start from this many federated principal axes of the inputs when there are more genes."""
     novae_local_steps: int = 0
     """SwAV steps per site and round, each on novae-batch-size niche pairs of one section;
     0: one novae epoch, as many steps as the site's trainable cells fill batches (then a
@@ -72,6 +82,7 @@ def novae_checks(cfg: ExperimentConfig) -> list[tuple[bool, str]]:
     why = "model.encoder 'novae' "
     return [
         (n.novae_prototypes >= 0, "novae.novae-prototypes: must be >= 0 (0 = the preset's)"),
+        (n.novae_embedding_size >= 0, "novae.novae-embedding-size: must be >= 0 (0 = the preset's)"),
         (n.novae_local_steps >= 0, "novae.novae-local-steps: must be >= 0 (0 = one epoch)"),
         (n.novae_batch_size >= 2, "novae.novae-batch-size: must be >= 2 (SwAV balances prototypes over a batch)"),
         (n.novae_hops_local >= 1 and n.novae_hops_view >= 1, "novae.novae-hops-local and novae-hops-view: must be >= 1"),

@@ -95,8 +95,9 @@ def _allowed_dims(run: Path, cfg: ExperimentConfig, extra: Iterable[int]) -> set
     dims = {1, cfg.clustering.n_domains, *(model[k] for k in ("in_dim", "hidden_dim", "latent_dim") if k in model)}
     dims |= {d for t in weights.state_dict().values() for d in t.shape}
     dims |= {report["n-features-shared"], report["n-features-selected"]}
-    if cfg.features.n_pcs:
-        dims |= {cfg.features.n_pcs, min(report["n-features-selected"], cfg.features.n_pcs + 10)}  # PCA's block
+    pcs = cfg.features.n_pcs or (model.get("embedding_size", 0) if model.get("kind") == "novae" else 0)
+    if pcs:  # PCA's axes and block (with novae: the gene embeddings' start)
+        dims |= {pcs, min(report["n-features-selected"], pcs + 10)}
     dims |= {m["n-features-shared"] for m in report["mapped-panels"].values()}
     if "n-genes" in report.get("markers", {}):  # marker sums: domains x genes every section shares
         dims.add(report["markers"]["n-genes"])
@@ -234,12 +235,12 @@ def test_novae_pretraining(tmp_path: Path, messages: list) -> None:
     manifest, cells = _federation(tmp_path / "data", small_panel=False)
     cfg = _config(
         manifest, tmp_path, "fm", model={"encoder": "novae"},
-        novae={"novae-local-steps": 2, "novae-batch-size": 24, "novae-prototypes": 20},
+        novae={"novae-local-steps": 2, "novae-batch-size": 24, "novae-prototypes": 20, "novae-embedding-size": 16},
     )
     simulate(cfg)
     run = tmp_path / "fm" / "federated"
     types = _inspect(messages, cells, _allowed_dims(run, cfg, []))
-    assert {"train", "query.embed", "query.finalize"} <= types
+    assert {"train", "query.pca", "query.embed", "query.finalize"} <= types  # PCA starts the gene embeddings
     sent_keys = {key for _, replies in messages for r in replies if not r.has_error()
                  for record in r.content.array_records.values() for key in record}
     assert "encoder.gnn.convs.0.att" in sent_keys and "swav_head.queue" not in sent_keys

@@ -232,3 +232,15 @@ def test_the_learning_rate_follows_novaes_schedule_with_rounds_for_epochs():
     assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.55) and lrs[2] == pytest.approx(1.0)
     assert all(a > b for a, b in itertools.pairwise(lrs[2:])) and lrs[-1] > 0.01
     assert novae_lr(1.0, 40, 12) == pytest.approx(0.01)  # past the last round: the floor
+
+
+@needs_novae
+def test_the_gene_embeddings_start_from_the_given_pca_axes():
+    from fedspatial.shared.phases.novae_training import novae_model
+
+    cfg = ExperimentConfig.from_dict({"run-name": "t", "model": {"encoder": "novae"}})
+    axes = np.random.default_rng(0).normal(size=(150, 100)).astype(np.float32)
+    model = novae_model(cfg, [f"g{i}" for i in range(150)], axes)
+    assert np.array_equal(model.cell_embedder.embedding.weight.detach().numpy(), axes)
+    with pytest.raises(ValueError, match="shape"):
+        novae_model(cfg, [f"g{i}" for i in range(150)], axes[:, :50])

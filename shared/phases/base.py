@@ -204,6 +204,9 @@ class Run:
     space: FeatureSpace | None = None
     batches: list[str] = field(default_factory=list)
     in_dim: int = 0
+    gene_embedding: np.ndarray | None = None
+    """``(in_dim, E)`` start of the Novae encoder's gene embeddings: the federated PCA axes
+    of its inputs (novae's own ``pca_init``, computed from the sites' products)."""
     model_config: dict[str, Any] = field(default_factory=dict)
     training: TrainOutcome | None = None
     proposals: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)

@@ -17,9 +17,11 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from fedspatial.shared.config import ExperimentConfig
 from fedspatial.shared.graph.niches import Niches, build_niches
+from fedspatial.shared.model_config import novae_embedding_size
 from fedspatial.shared.models.novae_encoder import PRESETS, NovaeEncoder
 from fedspatial.shared.protocol.names import NUM_EXAMPLES, RECEIVED_EVAL_LOSS
 from fedspatial.shared.protocol.payload import Payload
@@ -41,15 +43,21 @@ QUEUE_KEY = "fedspatial-novae-queue"
 """Site state holding novae's per-slide queue between rounds."""
 
 
-def novae_model(cfg: ExperimentConfig, features: list[str]) -> NovaeEncoder:
-    """A fresh Novae encoder over ``features`` with the config's preset (seed first)."""
+def novae_model(cfg: ExperimentConfig, features: list[str], gene_embedding: np.ndarray | None = None) -> NovaeEncoder:
+    """A fresh Novae encoder over ``features`` with the config's preset (seed first); its
+    gene embeddings start from ``gene_embedding`` ``(features, E)`` when given."""
     n = cfg.novae
     arch = dict(PRESETS[n.novae_preset])
     if n.novae_prototypes:
         arch["num_prototypes"] = n.novae_prototypes
-    return NovaeEncoder(
-        features, **arch, temperature=n.novae_temperature, panel_subset_size=n.novae_panel_subset,
-    )
+    arch["embedding_size"] = novae_embedding_size(cfg)
+    model = NovaeEncoder(features, **arch, temperature=n.novae_temperature, panel_subset_size=n.novae_panel_subset)
+    if gene_embedding is not None:
+        weight = model.cell_embedder.embedding.weight
+        if tuple(gene_embedding.shape) != tuple(weight.shape):
+            raise ValueError(f"gene embedding start of shape {gene_embedding.shape}, the model's is {tuple(weight.shape)}")
+        weight.data.copy_(torch.from_numpy(np.asarray(gene_embedding, dtype=np.float32)))
+    return model
 
 
 def site_niches(site: Site, setup: SiteSetup) -> tuple[Niches, list[tuple[str, int, int]]]:

@@ -1,5 +1,8 @@
 """Phase ``PCA`` (with ``features.n-pcs``): federated PCA of the standardized features
-by subspace iteration; the model then trains on the principal components.
+by subspace iteration; the model then trains on the principal components. With
+``model.encoder: novae`` the same PCA starts the encoder's gene embeddings instead (one
+row per input gene: its loadings on the leading axes, as ``novae``'s ``pca_init`` does
+centrally) and the model keeps training on the genes.
 
 Sites return column sums, ``D x r`` products and the ``r x r`` Rayleigh matrix of their
 cells (:mod:`fedspatial.shared.algorithms.pca`), summed in site-name order with a seeded
@@ -19,6 +22,7 @@ from fedspatial.shared.algorithms.pca import (
     site_power_product,
     site_rayleigh,
 )
+from fedspatial.shared.model_config import novae_embedding_size
 from fedspatial.shared.phases.base import Federation, Phase, Run, Site
 from fedspatial.shared.phases.feature_space import section_sites
 from fedspatial.shared.phases.setup import store_pca
@@ -33,13 +37,17 @@ class PCAPhase(Phase):
     queries = (Query.PCA,)
 
     def enabled(self, run: Run) -> bool:
-        return run.cfg.features.n_pcs > 0
+        return run.cfg.features.n_pcs > 0 or run.cfg.model.encoder == "novae"
 
     def run(self, fed: Federation, run: Run) -> None:
         assert run.plan is not None
         holders = section_sites(run)
         sites = sorted({holders[k] for k in run.plan.reference})
-        n_components = run.cfg.features.n_pcs
+        novae = run.cfg.features.n_pcs == 0  # only the novae encoder enables the phase without n-pcs
+        n_components = novae_embedding_size(run.cfg) if novae else run.cfg.features.n_pcs
+        if novae and run.in_dim <= n_components:  # as novae's pca_init: too few genes, random start
+            logger.warning("novae: %d input genes, not more than the %d-d gene embedding: no PCA start", run.in_dim, n_components)
+            return
         pca = FederatedPCA(run.in_dim, n_components, seed=run.cfg.seed)
 
         def stage(name: PCAStage, arrays: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
@@ -51,6 +59,10 @@ class PCAPhase(Phase):
         while pca.iterating:
             pca.step([r["product"] for r in stage(PCAStage.POWER, {"mean": mean, "basis": pca.basis})])
         basis = pca.finish([r["rayleigh"] for r in stage(PCAStage.RAYLEIGH, {"mean": mean, "basis": pca.basis})])
+        if novae:
+            run.gene_embedding = basis.components.T.astype(np.float32)
+            logger.info("novae: gene embeddings start from %d federated principal axes of %d genes", n_components, run.in_dim)
+            return
         stage(PCAStage.STORE, basis.to_arrays())
         n = pca.n_cells
         total = (sum(float(s["sumsq"][0]) for s in sums) - n * float(mean @ mean)) / (n - 1)

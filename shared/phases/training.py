@@ -138,7 +138,7 @@ class Training(Phase):
             initial, run.model_config = pretrained_start(cfg, run)
         else:
             assert run.space is not None
-            model = (novae_training.novae_model(cfg, run.space.selected) if resolved_encoder(cfg) == "novae"
+            model = (novae_training.novae_model(cfg, run.space.selected, run.gene_embedding) if resolved_encoder(cfg) == "novae"
                      else new_model(cfg, run.in_dim, len(run.batches)))
             run.model_config = model.model_config()
             initial = to_weights(model)
