@@ -85,7 +85,7 @@ def train_answer(site: Site, model: NovaeEncoder, *, server_round: int, seed: in
     """One round of SwAV steps at the site; the reply carries the shared weights."""
     setup = site.setup()
     niches, sections = site_niches(site, setup)
-    received = evaluate_novae(model, niches, sections, seed=seed) if evaluate_first else None
+    received = evaluate_novae(model, niches, sections, seed=site.cfg.seed) if evaluate_first else None  # as eval_loss: the same pairs every round
     n, t = site.cfg.novae, site.cfg.training
     queue = _queue(site, sections)
     start = time.perf_counter()
