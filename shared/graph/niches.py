@@ -59,11 +59,14 @@ def hops_within(adjacency: sparse.csr_matrix, hops: int) -> sparse.csr_matrix:
 
 def hops_exactly(adjacency: sparse.csr_matrix, hops: int) -> sparse.csr_matrix:
     """Boolean ``[N, N]``: the shortest path from ``i`` to ``j`` has exactly ``hops`` edges."""
-    within = hops_within(adjacency, hops).astype(np.int8)
-    if hops == 1:
-        exact = within - sparse.identity(adjacency.shape[0], dtype=np.int8, format="csr")
-    else:
-        exact = within - hops_within(adjacency, hops - 1).astype(np.int8)
+    closer = hops_within(adjacency, hops - 1) if hops > 1 else None
+    return _beyond(hops_within(adjacency, hops), closer)
+
+
+def _beyond(within: sparse.csr_matrix, closer: sparse.csr_matrix | None) -> sparse.csr_matrix:
+    """Pairs in ``within`` and not in ``closer`` (``None``: not the cell itself)."""
+    inner = sparse.identity(within.shape[0], dtype=np.int8, format="csr") if closer is None else closer.astype(np.int8)
+    exact = within.astype(np.int8) - inner
     exact.eliminate_zeros()
     return (exact > 0).tocsr()
 
@@ -168,4 +171,7 @@ def build_niches(
     if len(x) != len(neighbors) or len(x) != len(coords):
         raise ValueError(f"x, neighbors and coords must have the same rows, got {len(x)}, {len(neighbors)}, {len(coords)}")
     adjacency = symmetric_adjacency(neighbors, np.asarray(coords, dtype=np.float64)[:, :2], sections)
-    return Niches(x, adjacency, hops_within(adjacency, n_hops_local), hops_exactly(adjacency, n_hops_view))
+    # one reach matrix per hop count (niche radius and view distance are both 2 by default)
+    within = {h: hops_within(adjacency, h) for h in {n_hops_local, n_hops_view, n_hops_view - 1} if h >= 1}
+    view = _beyond(within[n_hops_view], within.get(n_hops_view - 1))
+    return Niches(x, adjacency, within[n_hops_local], view)

@@ -95,9 +95,9 @@ class Embedding(Phase):
         evaluate = bool(request.number(EVALUATE_RECEIVED, 0)) and not site.cfg.privacy.local_dp  # an unprivatized statistic
         metrics: dict[str, int | float] = {NUM_EXAMPLES: site.n_cells}
         if isinstance(model, NovaeEncoder):
-            if evaluate:
-                metrics[RECEIVED_EVAL_LOSS] = novae_training.eval_loss(site, model)
-            z = novae_training.embed_cells(site, model)
+            z, loss = novae_training.embed_answer(site, model, evaluate=evaluate)
+            if loss is not None:
+                metrics[RECEIVED_EVAL_LOSS] = loss
         else:
             data = training_data(site, setup)
             if evaluate:

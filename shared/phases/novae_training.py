@@ -85,7 +85,7 @@ def train_answer(site: Site, model: NovaeEncoder, *, server_round: int, seed: in
     """One round of SwAV steps at the site; the reply carries the shared weights."""
     setup = site.setup()
     niches, sections = site_niches(site, setup)
-    received = evaluate_novae(model, niches, sections, seed=site.cfg.seed) if evaluate_first else None  # as eval_loss: the same pairs every round
+    received = _fixed_loss(site, model, niches, sections) if evaluate_first else None  # before training changes it
     n, t = site.cfg.novae, site.cfg.training
     queue = _queue(site, sections)
     start = time.perf_counter()
@@ -108,16 +108,22 @@ def train_answer(site: Site, model: NovaeEncoder, *, server_round: int, seed: in
     return Payload(arrays=arrays, metrics=metrics)
 
 
-def eval_loss(site: Site, model: NovaeEncoder) -> float:
-    """The SwAV loss of ``model`` on fixed niche pairs of the site (no augmentation)."""
-    niches, sections = site_niches(site, site.setup())
+def _fixed_loss(site: Site, model: NovaeEncoder, niches: Niches, sections: list[tuple[str, int, int]]) -> float:
+    """The SwAV loss on the same niche pairs every time (the run's seed, no augmentation)."""
     return evaluate_novae(model, niches, sections, seed=site.cfg.seed)
 
 
-def embed_cells(site: Site, model: NovaeEncoder) -> np.ndarray:
-    """Every cell's niche representation ``[N, output_size]``, scaled to unit length: SwAV
-    compares directions only (cosine to the prototypes), so the length carries nothing
-    the training shaped and would only weigh on k-means distances."""
-    niches, _ = site_niches(site, site.setup())
+def eval_loss(site: Site, model: NovaeEncoder) -> float:
+    """The SwAV loss of ``model`` on fixed niche pairs of the site (no augmentation)."""
+    return _fixed_loss(site, model, *site_niches(site, site.setup()))
+
+
+def embed_answer(site: Site, model: NovaeEncoder, *, evaluate: bool) -> tuple[np.ndarray, float | None]:
+    """Every cell's niche representation ``[N, output_size]``, scaled to unit length (SwAV
+    compares directions only, cosine to the prototypes: the length carries nothing the
+    training shaped and would only weigh on k-means distances), and with ``evaluate`` the
+    loss of :func:`eval_loss`, from one build of the niches."""
+    niches, sections = site_niches(site, site.setup())
+    loss = _fixed_loss(site, model, niches, sections) if evaluate else None
     z = embed_niches(model, niches)
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12), loss
