@@ -244,3 +244,28 @@ def test_the_gene_embeddings_start_from_the_given_pca_axes():
     assert np.array_equal(model.cell_embedder.embedding.weight.detach().numpy(), axes)
     with pytest.raises(ValueError, match="shape"):
         novae_model(cfg, [f"g{i}" for i in range(150)], axes[:, :50])
+
+
+@needs_novae
+@pytest.mark.parametrize("query", ["train", "evaluate"])
+def test_a_site_under_local_dp_refuses_novae_whatever_the_server_sends(query):
+    """Config validation refuses novae with local DP; a site whose own settings have local DP
+    on refuses a novae message too, before touching its cells."""
+    import json as _json
+    from types import SimpleNamespace
+
+    from fedspatial.shared.models.novae_encoder import NovaeEncoder
+    from fedspatial.shared.phases.training import Training
+    from fedspatial.shared.protocol.names import Query
+    from fedspatial.shared.protocol.payload import Payload
+
+    cfg = ExperimentConfig.from_dict({"run-name": "t"})
+    cfg.privacy.local_dp = True  # the site's own settings (its policy may require it)
+    site = SimpleNamespace(cfg=cfg, name="hospital_a", setup=lambda: pytest.fail("the site read its data"))
+    model = NovaeEncoder([f"g{i}" for i in range(12)], **TINY)
+    request = Payload(
+        arrays={k: v.numpy() for k, v in model.shared_state().items()},
+        config={"model-config": _json.dumps(model.model_config()), "server-round": 1, "seed": 0},
+    )
+    with pytest.raises(PermissionError, match="local-dp"):
+        Training().answer(site, Query.TRAIN if query == "train" else Query.EVALUATE, request)
